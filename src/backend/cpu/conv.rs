@@ -1,0 +1,131 @@
+//! Convolutions on the CPU: im2col of a few images at a time (so the patch matrix stays in
+//! cache) followed by an SGEMM from `matrixmultiply`, parallel over image chunks.
+
+use super::{fixed_groups, THREAD_SCRATCH};
+use crate::backend::ConvShape;
+use rayon::prelude::*;
+
+/// Rows (output pixels) of the patch matrix built per GEMM call.
+const ROWS_PER_CHUNK: usize = 1024;
+
+fn images_per_chunk(s: &ConvShape) -> usize {
+    (ROWS_PER_CHUNK / (s.out_h() * s.out_w())).max(1)
+}
+
+/// Writes the patch matrix `(images·oh·ow, k·k·c_in)` of images `b0..b0+count` of `x`.
+fn im2col(s: &ConvShape, x: &[f32], b0: usize, count: usize, col: &mut [f32]) {
+    let (oh, ow, cin, k) = (s.out_h(), s.out_w(), s.c_in, s.k);
+    let row_len = k * k * cin;
+    let mut rows = col.chunks_exact_mut(row_len);
+    for b in b0..b0 + count {
+        let image = &x[b * s.h * s.w * cin..(b + 1) * s.h * s.w * cin];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let row = rows.next().expect("patch matrix sized for the chunk");
+                for ky in 0..k {
+                    let iy = (oy + ky) as isize - s.pad as isize;
+                    for kx in 0..k {
+                        let ix = (ox + kx) as isize - s.pad as isize;
+                        let dst = &mut row[(ky * k + kx) * cin..(ky * k + kx + 1) * cin];
+                        if iy < 0 || ix < 0 || iy >= s.h as isize || ix >= s.w as isize {
+                            dst.fill(0.0);
+                        } else {
+                            let at = (iy as usize * s.w + ix as usize) * cin;
+                            dst.copy_from_slice(&image[at..at + cin]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `C (m, n) = alpha·A (m, k)·B (k, n) + beta·C` with arbitrary strides for A and B.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_strides: (usize, usize), b: &[f32], b_strides: (usize, usize), beta: f32, c: &mut [f32]) {
+    let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, k, a_strides) < a.len() && last(k, n, b_strides) < b.len() && m * n <= c.len());
+    // SAFETY: the asserts above keep every index of A, B and C inside its slice.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            1.0,
+            a.as_ptr(),
+            a_strides.0 as isize,
+            a_strides.1 as isize,
+            b.as_ptr(),
+            b_strides.0 as isize,
+            b_strides.1 as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
+/// `y (n, oh, ow, c_out) = x (n, h, w, c_in) ⊛ w (c_out, k, k, c_in)`.
+pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    let per_image = s.out_h() * s.out_w();
+    let ipc = images_per_chunk(s);
+    let kdim = s.k * s.k * s.c_in;
+    y[..s.n * per_image * s.c_out].par_chunks_mut(ipc * per_image * s.c_out).enumerate().for_each(|(chunk, y)| {
+        let count = y.len() / (per_image * s.c_out);
+        THREAD_SCRATCH.with_borrow_mut(|col| {
+            col.resize(count * per_image * kdim, 0.0);
+            im2col(s, x, chunk * ipc, count, col);
+            // y = col · wᵀ: wᵀ is w read with strides (1, kdim).
+            sgemm(count * per_image, kdim, s.c_out, col, (kdim, 1), w, (1, kdim), 0.0, y);
+        });
+    });
+}
+
+/// `dx` of a stride-1 convolution: the forward convolution of `dy` with the kernel rotated by
+/// 180° and its channel axes swapped, padded by `k − 1 − pad`.
+pub fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
+    let (k, cin, cout) = (s.k, s.c_in, s.c_out);
+    let mut rotated = vec![0.0f32; w.len()]; // (c_in, k, k, c_out)
+    for o in 0..cout {
+        for ky in 0..k {
+            for kx in 0..k {
+                for i in 0..cin {
+                    rotated[((i * k + (k - 1 - ky)) * k + (k - 1 - kx)) * cout + o] = w[((o * k + ky) * k + kx) * cin + i];
+                }
+            }
+        }
+    }
+    let transposed = ConvShape { n: s.n, h: s.out_h(), w: s.out_w(), c_in: cout, c_out: cin, k, pad: k - 1 - s.pad };
+    forward(&transposed, dy, &rotated, dx);
+}
+
+/// `dw (c_out, k, k, c_in) = Σ_pixels dy ⊗ patch`, summed in a fixed order for determinism.
+pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    let per_image = s.out_h() * s.out_w();
+    let ipc = images_per_chunk(s);
+    let kdim = s.k * s.k * s.c_in;
+    let partials: Vec<Vec<f32>> = fixed_groups(s.n)
+        .into_par_iter()
+        .map(|images| {
+            let mut acc = vec![0.0f32; s.c_out * kdim];
+            THREAD_SCRATCH.with_borrow_mut(|col| {
+                for b0 in images.clone().step_by(ipc) {
+                    let count = ipc.min(images.end - b0);
+                    let rows = count * per_image;
+                    col.resize(rows * kdim, 0.0);
+                    im2col(s, x, b0, count, col);
+                    let dy = &dy[b0 * per_image * s.c_out..(b0 + count) * per_image * s.c_out];
+                    // acc += dyᵀ · col: dyᵀ is dy (rows, c_out) read with strides (1, c_out).
+                    sgemm(s.c_out, rows, kdim, dy, (1, s.c_out), col, (kdim, 1), 1.0, &mut acc);
+                }
+            });
+            acc
+        })
+        .collect();
+    let dw = &mut dw[..s.c_out * kdim];
+    dw.fill(0.0);
+    for partial in &partials {
+        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
+    }
+}

@@ -1,0 +1,278 @@
+//! The CPU backend: plain f32 Rust, NHWC, multi-threaded with rayon; convolutions as
+//! im2col + SGEMM. It is the readable reference every other backend is tested against, and
+//! it is deterministic: reductions use a fixed partition and order, whatever the threads.
+
+mod conv;
+pub mod norm;
+
+use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, PATCH, SIDE, STD};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::future::{ready, Future};
+use std::ops::Range;
+
+thread_local! {
+    /// Per-thread scratch for patch matrices, reused across calls.
+    static THREAD_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Splits `0..n` into at most 16 contiguous non-empty ranges, independent of the thread
+/// count, so that partial sums are always added in the same order.
+fn fixed_groups(n: usize) -> Vec<Range<usize>> {
+    let groups = n.clamp(1, 16);
+    (0..groups).map(|g| g * n / groups..(g + 1) * n / groups).filter(|r| !r.is_empty()).collect()
+}
+
+#[derive(Default)]
+pub struct Cpu;
+
+/// CIFAR images in host memory: `(n, 32, 32, 3)` NHWC pixels and one label each.
+pub struct HostImages {
+    pixels: Vec<u8>,
+    labels: Vec<u8>,
+}
+
+fn window<'a, T>(v: &View<'a, Vec<T>>) -> &'a [T] {
+    &v.buf[v.range.clone()]
+}
+
+fn window_mut<'a, 'b, T>(v: &'b mut ViewMut<'a, Vec<T>>) -> &'b mut [T] {
+    &mut v.buf[v.range.clone()]
+}
+
+impl Cpu {
+    pub fn new() -> Cpu {
+        Cpu
+    }
+}
+
+impl Backend for Cpu {
+    type Tensor = Vec<f32>;
+    type Index = Vec<u32>;
+    type Images = HostImages;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn device_name(&self) -> String {
+        let model = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+        format!("{model} ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        let mut v = Vec::with_capacity(len);
+        v.resize(len, 0.0); // writes every page now, not inside the first timed step
+        v
+    }
+
+    fn index_zeros(&self, len: usize) -> Vec<u32> {
+        vec![0; len]
+    }
+
+    fn upload(&self, mut dst: ViewMut<Vec<f32>>, src: &[f32]) {
+        window_mut(&mut dst).copy_from_slice(src);
+    }
+
+    fn upload_index(&self, mut dst: ViewMut<Vec<u32>>, src: &[u32]) {
+        window_mut(&mut dst).copy_from_slice(src);
+    }
+
+    fn upload_images(&self, pixels: &[u8], labels: &[u8]) -> HostImages {
+        assert_eq!(pixels.len(), labels.len() * SIDE * SIDE * CHANNELS);
+        HostImages { pixels: pixels.to_vec(), labels: labels.to_vec() }
+    }
+
+    fn copy(&self, src: View<Vec<f32>>, mut dst: ViewMut<Vec<f32>>) {
+        window_mut(&mut dst).copy_from_slice(window(&src));
+    }
+
+    fn fill(&self, mut dst: ViewMut<Vec<f32>>, value: f32) {
+        window_mut(&mut dst).fill(value);
+    }
+
+    fn read(&self, src: View<Vec<f32>>) -> impl Future<Output = Vec<f32>> {
+        ready(window(&src).to_vec())
+    }
+
+    fn sync(&self) -> impl Future<Output = ()> {
+        ready(())
+    }
+
+    fn load_batch(&self, images: &HostImages, index: View<Vec<u32>>, crops: View<Vec<u32>>, x: &mut Vec<f32>, labels: &mut Vec<u32>) {
+        let (index, crops) = (window(&index), window(&crops));
+        let image_len = SIDE * SIDE * CHANNELS;
+        x[..index.len() * image_len].par_chunks_mut(image_len).zip(index.par_iter().zip(crops)).for_each(|(out, (&i, &crop))| {
+            let src = &images.pixels[i as usize * image_len..(i as usize + 1) * image_len];
+            let crop = Crop::unpack(crop);
+            for (y, row) in out.chunks_exact_mut(SIDE * CHANNELS).enumerate() {
+                let sy = super::reflect(y as i32 + crop.dy, SIDE as i32);
+                for (x, px) in row.chunks_exact_mut(CHANNELS).enumerate() {
+                    let sx = super::reflect(x as i32 + crop.dx, SIDE as i32);
+                    let sx = if crop.flip { SIDE - 1 - sx } else { sx };
+                    for c in 0..CHANNELS {
+                        px[c] = (src[(sy * SIDE + sx) * CHANNELS + c] as f32 / 255.0 - MEAN[c]) / STD[c];
+                    }
+                }
+            }
+        });
+        for (l, &i) in labels.iter_mut().zip(index) {
+            *l = images.labels[i as usize] as u32;
+        }
+    }
+
+    fn patch_moments(&self, n: usize, x: &Vec<f32>, out: &mut Vec<f32>) {
+        let image_len = SIDE * SIDE * CHANNELS;
+        out[..n * PATCH * PATCH].par_chunks_mut(PATCH * PATCH).zip(x[..n * image_len].par_chunks(image_len)).for_each(|(acc, img)| {
+            let mut sums = [0.0f64; PATCH * PATCH];
+            let mut p = [0.0f64; PATCH];
+            for y in 0..SIDE - 1 {
+                for xx in 0..SIDE - 1 {
+                    for (j, v) in p.iter_mut().enumerate() {
+                        let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch's (c, ky, kx) order
+                        *v = img[((y + ky) * SIDE + xx + kx) * CHANNELS + c] as f64;
+                    }
+                    for (row, &pi) in sums.chunks_exact_mut(PATCH).zip(&p) {
+                        row.iter_mut().zip(&p).for_each(|(a, &pj)| *a += pi * pj);
+                    }
+                }
+            }
+            acc.iter_mut().zip(sums).for_each(|(a, s)| *a = s as f32);
+        });
+    }
+
+    fn conv_forward(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
+        conv::forward(&s, x, window(&w), y);
+    }
+
+    fn conv_backward_data(&self, s: ConvShape, dy: &Vec<f32>, w: View<Vec<f32>>, dx: &mut Vec<f32>) {
+        conv::backward_data(&s, dy, window(&w), dx);
+    }
+
+    fn conv_backward_filter(&self, s: ConvShape, x: &Vec<f32>, dy: &Vec<f32>, mut dw: ViewMut<Vec<f32>>) {
+        conv::backward_filter(&s, x, dy, window_mut(&mut dw));
+    }
+
+    fn bias_gelu_forward(&self, pixels: usize, c: usize, z: &mut Vec<f32>, bias: View<Vec<f32>>, a: &mut Vec<f32>) {
+        norm::bias_gelu_forward(pixels, c, z, window(&bias), a);
+    }
+
+    fn bias_gelu_backward(&self, pixels: usize, c: usize, z: &Vec<f32>, da: &Vec<f32>, mut dbias: ViewMut<Vec<f32>>) {
+        norm::bias_gelu_backward(pixels, c, z, da, window_mut(&mut dbias));
+    }
+
+    fn pool_bn_gelu_forward(
+        &self,
+        s: PoolBnShape,
+        mode: BnMode,
+        y: &Vec<f32>,
+        beta: View<Vec<f32>>,
+        mut running: ViewMut<Vec<f32>>,
+        z: &mut Vec<f32>,
+        a: &mut Vec<f32>,
+        saved: &mut Vec<f32>,
+    ) {
+        norm::pool_bn_gelu_forward(&s, mode, y, window(&beta), window_mut(&mut running), z, a, saved);
+    }
+
+    fn pool_bn_gelu_backward(
+        &self,
+        s: PoolBnShape,
+        y: &Vec<f32>,
+        z: &Vec<f32>,
+        saved: &Vec<f32>,
+        beta: View<Vec<f32>>,
+        da: &mut Vec<f32>,
+        dy: &mut Vec<f32>,
+        mut dbeta: ViewMut<Vec<f32>>,
+    ) {
+        norm::pool_bn_gelu_backward(&s, y, z, saved, window(&beta), da, dy, window_mut(&mut dbeta));
+    }
+
+    fn max_pool_forward(&self, s: PoolBnShape, x: &Vec<f32>, y: &mut Vec<f32>) {
+        norm::max_pool(&s, x, y);
+    }
+
+    fn max_pool_backward(&self, s: PoolBnShape, x: &Vec<f32>, dy: &Vec<f32>, dx: &mut Vec<f32>) {
+        norm::max_pool_backward(&s, x, dy, dx);
+    }
+
+    fn linear_forward(&self, n: usize, c_in: usize, c_out: usize, scale: f32, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
+        let w = window(&w);
+        for (x, y) in x.chunks_exact(c_in).zip(y.chunks_exact_mut(c_out)).take(n) {
+            for (y, w) in y.iter_mut().zip(w.chunks_exact(c_in)) {
+                *y = scale * x.iter().zip(w).map(|(a, b)| a * b).sum::<f32>();
+            }
+        }
+    }
+
+    fn linear_backward(
+        &self,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        scale: f32,
+        x: &Vec<f32>,
+        w: View<Vec<f32>>,
+        dy: &Vec<f32>,
+        dx: &mut Vec<f32>,
+        mut dw: ViewMut<Vec<f32>>,
+    ) {
+        let w = window(&w);
+        for (dx, dy) in dx.chunks_exact_mut(c_in).zip(dy.chunks_exact(c_out)).take(n) {
+            dx.fill(0.0);
+            for (&g, w) in dy.iter().zip(w.chunks_exact(c_in)) {
+                dx.iter_mut().zip(w).for_each(|(d, w)| *d += scale * g * w);
+            }
+        }
+        let dw = window_mut(&mut dw);
+        for (o, dw) in dw.chunks_exact_mut(c_in).enumerate() {
+            for (i, d) in dw.iter_mut().enumerate() {
+                *d = scale * (0..n).map(|b| dy[b * c_out + o] * x[b * c_in + i]).sum::<f32>();
+            }
+        }
+    }
+
+    fn cross_entropy(&self, n: usize, smoothing: f32, logits: &Vec<f32>, labels: &Vec<u32>, mut dlogits: Option<&mut Vec<f32>>, stats: &mut Vec<f32>) {
+        let (mut loss, mut correct) = (0.0f64, 0usize);
+        for (b, l) in logits.chunks_exact(CLASSES).take(n).enumerate() {
+            let label = labels[b] as usize;
+            let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let argmax = l.iter().position(|&v| v == max).unwrap_or(0);
+            let sum: f32 = l.iter().map(|&v| (v - max).exp()).sum();
+            let lse = max + sum.ln();
+            let target = |j: usize| smoothing / CLASSES as f32 + if j == label { 1.0 - smoothing } else { 0.0 };
+            loss += (0..CLASSES).map(|j| (target(j) * (lse - l[j])) as f64).sum::<f64>();
+            correct += (argmax == label) as usize;
+            if let Some(d) = dlogits.as_deref_mut() {
+                for j in 0..CLASSES {
+                    d[b * CLASSES + j] = (l[j] - lse).exp() - target(j);
+                }
+            }
+        }
+        stats[0] += loss as f32;
+        stats[1] += correct as f32;
+    }
+
+    fn axpy(&self, alpha: f32, x: View<Vec<f32>>, mut y: ViewMut<Vec<f32>>) {
+        window_mut(&mut y).iter_mut().zip(window(&x)).for_each(|(y, x)| *y += alpha * x);
+    }
+
+    fn sgd_step(&self, mut p: ViewMut<Vec<f32>>, g: View<Vec<f32>>, mut m: ViewMut<Vec<f32>>, lr: f32, wd: f32, momentum: f32) {
+        for ((p, &g), m) in window_mut(&mut p).iter_mut().zip(window(&g)).zip(window_mut(&mut m)) {
+            let g = g + wd * *p;
+            *m = momentum * *m + g;
+            *p -= lr * (g + momentum * *m);
+        }
+    }
+
+    fn lookahead(&self, decay: f32, mut ema: ViewMut<Vec<f32>>, mut net: ViewMut<Vec<f32>>) {
+        for (e, n) in window_mut(&mut ema).iter_mut().zip(window_mut(&mut net)) {
+            *e += (1.0 - decay) * (*n - *e);
+            *n = *e;
+        }
+    }
+}

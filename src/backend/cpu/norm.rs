@@ -1,0 +1,269 @@
+//! GELU, max-pooling and BatchNorm on the CPU, forward and backward.
+//! Reductions run over a fixed partition of the rows and are summed in f64 in a fixed
+//! order, so results do not depend on the thread count or scheduling.
+
+use super::fixed_groups;
+use crate::backend::{BnMode, PoolBnShape};
+use rayon::prelude::*;
+
+/// erf(x) for f32 to about 1e-7 absolute: a rational approximation (the one Eigen and XLA
+/// use) that vectorises, unlike libm's branchy `erff`.
+#[inline(always)]
+pub fn erf(x: f32) -> f32 {
+    let x = x.clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_3e-10f32;
+    p = p.mul_add(x2, 2.770_681_4e-8);
+    p = p.mul_add(x2, -2.101_024e-6);
+    p = p.mul_add(x2, -5.692_506_6e-5);
+    p = p.mul_add(x2, -7.349_906e-4);
+    p = p.mul_add(x2, -2.954_600_2e-3);
+    p = p.mul_add(x2, -1.609_603_4e-2);
+    let mut q = -1.456_607_2e-5f32;
+    q = q.mul_add(x2, -2.133_740_6e-4);
+    q = q.mul_add(x2, -1.682_827e-3);
+    q = q.mul_add(x2, -7.373_329e-3);
+    q = q.mul_add(x2, -1.426_474e-2);
+    x * p / q
+}
+
+/// exp(x) for f32 to a few ulp (Cephes' expf), written to vectorise.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = n.mul_add(-0.693_359_4, x);
+    let r = n.mul_add(2.121_944_4e-4, r);
+    let mut p = 1.987_569_1e-4f32;
+    p = p.mul_add(r, 1.398_2e-3);
+    p = p.mul_add(r, 8.333_452e-3);
+    p = p.mul_add(r, 4.166_579_6e-2);
+    p = p.mul_add(r, 1.666_666_5e-1);
+    p = p.mul_add(r, 5.000_000_1e-1);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// GELU with the exact erf: `z·Φ(z)`.
+#[inline(always)]
+pub fn gelu(z: f32) -> f32 {
+    0.5 * z * (1.0 + erf(z * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+/// d/dz GELU(z) = Φ(z) + z·φ(z).
+#[inline(always)]
+pub fn gelu_grad(z: f32) -> f32 {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    0.5 * (1.0 + erf(z * std::f32::consts::FRAC_1_SQRT_2)) + z * INV_SQRT_2PI * exp(-0.5 * z * z)
+}
+
+/// Rows per parallel task for elementwise passes over `(rows, c)` tensors.
+fn rows_per_task(c: usize) -> usize {
+    (16384 / c).max(1)
+}
+
+pub fn bias_gelu_forward(pixels: usize, c: usize, z: &mut [f32], bias: &[f32], a: &mut [f32]) {
+    let chunk = rows_per_task(c) * c;
+    z[..pixels * c].par_chunks_mut(chunk).zip(a[..pixels * c].par_chunks_mut(chunk)).for_each(|(z, a)| {
+        for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
+            for ((z, a), b) in z.iter_mut().zip(a).zip(bias) {
+                *z += b;
+                *a = gelu(*z);
+            }
+        }
+    });
+}
+
+/// Per-channel pairs of sums over the rows of a `(rows, c)` tensor: `add_row(row, acc)` adds
+/// one row's terms to `acc (c)`. Rows are split into a fixed partition, summed in f64.
+fn channel_sums(rows: usize, c: usize, add_row: impl Fn(usize, &mut [[f64; 2]]) + Sync) -> Vec<[f64; 2]> {
+    let partials: Vec<Vec<[f64; 2]>> = fixed_groups(rows)
+        .into_par_iter()
+        .map(|rows| {
+            let mut acc = vec![[0.0f64; 2]; c];
+            rows.for_each(|r| add_row(r, &mut acc));
+            acc
+        })
+        .collect();
+    let mut total = vec![[0.0f64; 2]; c];
+    for p in &partials {
+        for (t, v) in total.iter_mut().zip(p) {
+            t[0] += v[0];
+            t[1] += v[1];
+        }
+    }
+    total
+}
+
+pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias: &mut [f32]) {
+    let sums = channel_sums(pixels, c, |r, acc| {
+        for ch in 0..c {
+            acc[ch][0] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
+        }
+    });
+    for (d, s) in dbias.iter_mut().zip(sums) {
+        *d = s[0] as f32;
+    }
+}
+
+/// Max-pool `x (n, h, w, c)` into `y (n, h/p, w/p, c)` (floor); `p == 1` copies.
+pub fn max_pool(s: &PoolBnShape, x: &[f32], y: &mut [f32]) {
+    let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
+    if p == 1 {
+        y[..s.n * s.h * s.w * c].copy_from_slice(&x[..s.n * s.h * s.w * c]);
+        return;
+    }
+    y[..s.n * oh * ow * c].par_chunks_mut(oh * ow * c).enumerate().for_each(|(b, y)| {
+        let x = &x[b * s.h * s.w * c..];
+        for (o, y) in y.chunks_exact_mut(c).enumerate() {
+            let (oy, ox) = (o / ow, o % ow);
+            y.fill(f32::NEG_INFINITY);
+            for i in 0..p * p {
+                let at = ((oy * p + i / p) * s.w + ox * p + i % p) * c;
+                for (y, &x) in y.iter_mut().zip(&x[at..at + c]) {
+                    *y = if x > *y { x } else { *y };
+                }
+            }
+        }
+    });
+}
+
+/// Routes `dy (n, h/p, w/p, c)` to the first maximum (row-major window order, as PyTorch)
+/// of each window of `x`; every other position of `dx (n, h, w, c)` gets 0.
+pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
+    if p == 1 {
+        dx[..s.n * s.h * s.w * c].copy_from_slice(&dy[..s.n * s.h * s.w * c]);
+        return;
+    }
+    dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
+        let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
+        let dy = &dy[b * oh * ow * c..];
+        dx.fill(0.0); // also the rows and columns that floor pooling drops
+        let mut best = vec![0.0f32; c];
+        let mut arg = vec![0usize; c];
+        for o in 0..oh * ow {
+            let (oy, ox) = (o / ow, o % ow);
+            let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
+            best.fill(f32::NEG_INFINITY);
+            for i in 0..p * p {
+                for ch in 0..c {
+                    if x[at(i) + ch] > best[ch] {
+                        best[ch] = x[at(i) + ch];
+                        arg[ch] = i;
+                    }
+                }
+            }
+            for ch in 0..c {
+                dx[at(arg[ch]) + ch] = dy[o * c + ch];
+            }
+        }
+    });
+}
+
+/// See `Backend::pool_bn_gelu_forward`.
+#[allow(clippy::too_many_arguments)]
+pub fn pool_bn_gelu_forward(
+    s: &PoolBnShape,
+    mode: BnMode,
+    y: &[f32],
+    beta: &[f32],
+    running: &mut [f32],
+    z: &mut [f32],
+    a: &mut [f32],
+    saved: &mut [f32],
+) {
+    let c = s.c;
+    let rows = s.n * s.out_h() * s.out_w();
+    max_pool(s, y, z);
+    let (mean, istd) = saved[..2 * c].split_at_mut(c);
+    match mode {
+        BnMode::Train { momentum, eps } => {
+            let zs = &*z;
+            let sums = channel_sums(rows, c, |r, acc| {
+                for ch in 0..c {
+                    acc[ch][0] += zs[r * c + ch] as f64;
+                }
+            });
+            let mu: Vec<f64> = sums.iter().map(|s| s[0] / rows as f64).collect();
+            let sq = channel_sums(rows, c, |r, acc| {
+                for ch in 0..c {
+                    acc[ch][0] += (zs[r * c + ch] as f64 - mu[ch]).powi(2);
+                }
+            });
+            let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
+            for ch in 0..c {
+                let var = sq[ch][0] / rows as f64;
+                let unbiased = var * rows as f64 / (rows as f64 - 1.0).max(1.0);
+                mean[ch] = mu[ch] as f32;
+                istd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
+                run_mean[ch] = momentum * run_mean[ch] + (1.0 - momentum) * mu[ch] as f32;
+                run_var[ch] = momentum * run_var[ch] + (1.0 - momentum) * unbiased as f32;
+            }
+        }
+        BnMode::Eval { eps } => {
+            for ch in 0..c {
+                mean[ch] = running[ch];
+                istd[ch] = 1.0 / (running[c + ch] + eps).sqrt();
+            }
+        }
+    }
+    let (mean, istd) = (&*mean, &*istd);
+    let chunk = rows_per_task(c) * c;
+    z[..rows * c].par_chunks_mut(chunk).zip(a[..rows * c].par_chunks_mut(chunk)).for_each(|(z, a)| {
+        for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
+            for ch in 0..c {
+                z[ch] = (z[ch] - mean[ch]) * istd[ch] + beta[ch];
+                a[ch] = gelu(z[ch]);
+            }
+        }
+    });
+}
+
+/// See `Backend::pool_bn_gelu_backward`.
+#[allow(clippy::too_many_arguments)]
+pub fn pool_bn_gelu_backward(
+    s: &PoolBnShape,
+    y: &[f32],
+    z: &[f32],
+    saved: &[f32],
+    beta: &[f32],
+    da: &mut [f32],
+    dy: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    let c = s.c;
+    let rows = s.n * s.out_h() * s.out_w();
+    let istd = &saved[c..2 * c];
+    let chunk = rows_per_task(c) * c;
+    // da ← dz = da·gelu'(z)
+    da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).for_each(|(d, z)| {
+        for (d, &z) in d.iter_mut().zip(z) {
+            *d *= gelu_grad(z);
+        }
+    });
+    // With γ = 1 and x̂ = z − β: Σdz is dβ, and Σdz·x̂ projects out the variance direction.
+    let dz = &*da;
+    let sums = channel_sums(rows, c, |r, acc| {
+        for ch in 0..c {
+            let (d, xhat) = (dz[r * c + ch], z[r * c + ch] - beta[ch]);
+            acc[ch][0] += d as f64;
+            acc[ch][1] += (d * xhat) as f64;
+        }
+    });
+    let mean_dz: Vec<f32> = sums.iter().map(|s| (s[0] / rows as f64) as f32).collect();
+    let mean_dzx: Vec<f32> = sums.iter().map(|s| (s[1] / rows as f64) as f32).collect();
+    for (d, s) in dbeta.iter_mut().zip(&sums) {
+        *d = s[0] as f32;
+    }
+    // da ← d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂))
+    da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).for_each(|(d, z)| {
+        for (d, z) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
+            for ch in 0..c {
+                let xhat = z[ch] - beta[ch];
+                d[ch] = istd[ch] * (d[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
+            }
+        }
+    });
+    max_pool_backward(s, y, da, dy);
+}

@@ -1,0 +1,268 @@
+//! The `Backend` trait: every op the airbench94 network and its training loop need.
+//!
+//! Conventions shared by all backends (the CPU backend is the reference for each op):
+//! - Activations are f32, NHWC: `(n, h, w, c)` with `c` contiguous.
+//! - Conv weights are OHWI: `(c_out, k, k, c_in)`, so a weight is a `(c_out, k*k*c_in)`
+//!   matrix whose columns follow the NHWC patch order `(ky, kx, c)`.
+//! - Buffers are backend-owned handles; shapes live on the host and are passed to each op.
+//!   Ops never allocate and never wait for the device; only `read` and `sync` do.
+//! - Ops that take `n` work on the first `n` images of buffers sized for a larger batch.
+
+pub mod cpu;
+
+use std::future::Future;
+use std::ops::Range;
+
+/// CIFAR-10 channel means and standard deviations (airbench94's fixed normalisation).
+pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
+pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+/// Image side and channels of every input.
+pub const SIDE: usize = 32;
+pub const CHANNELS: usize = 3;
+pub const CLASSES: usize = 10;
+/// Length of one 2×2×3 whitening patch.
+pub const PATCH: usize = 12;
+
+/// A read-only window into a backend buffer, in elements.
+pub struct View<'a, T> {
+    pub buf: &'a T,
+    pub range: Range<usize>,
+}
+
+/// A writable window into a backend buffer, in elements.
+pub struct ViewMut<'a, T> {
+    pub buf: &'a mut T,
+    pub range: Range<usize>,
+}
+
+/// A stride-1 convolution with square kernel `k` and zero padding `pad`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ConvShape {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub k: usize,
+    pub pad: usize,
+}
+
+impl ConvShape {
+    pub fn out_h(&self) -> usize {
+        self.h + 2 * self.pad + 1 - self.k
+    }
+    pub fn out_w(&self) -> usize {
+        self.w + 2 * self.pad + 1 - self.k
+    }
+    /// Multiply-accumulates of the forward pass.
+    pub fn macs(&self) -> usize {
+        self.n * self.out_h() * self.out_w() * self.c_out * self.k * self.k * self.c_in
+    }
+}
+
+/// MaxPool(pool, floor) → BatchNorm(γ = 1) → GELU over an `(n, h, w, c)` conv output.
+/// `pool == 1` means no pooling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PoolBnShape {
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub pool: usize,
+}
+
+impl PoolBnShape {
+    pub fn out_h(&self) -> usize {
+        self.h / self.pool
+    }
+    pub fn out_w(&self) -> usize {
+        self.w / self.pool
+    }
+}
+
+/// How BatchNorm gets its statistics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BnMode {
+    /// Normalise with the biased batch variance; then
+    /// `running = momentum·running + (1 − momentum)·batch` (unbiased variance).
+    Train { momentum: f32, eps: f32 },
+    /// Normalise with the running statistics.
+    Eval { eps: f32 },
+}
+
+/// One view of an image: a translation (reflect padding) of a possibly mirrored image.
+/// Output pixel `(y, x)` is source pixel `(reflect(y + dy), reflect(x + dx))` of the image,
+/// mirrored left-right first when `flip` is set. `|dy|, |dx| <= 3`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crop {
+    pub dy: i32,
+    pub dx: i32,
+    pub flip: bool,
+}
+
+impl Crop {
+    pub const IDENTITY: Crop = Crop { dy: 0, dx: 0, flip: false };
+
+    /// Packs into a u32 for upload: bits 0–2 `dy + 3`, bits 3–5 `dx + 3`, bit 6 `flip`.
+    pub fn pack(self) -> u32 {
+        debug_assert!(self.dy.abs() <= 3 && self.dx.abs() <= 3);
+        (self.dy + 3) as u32 | ((self.dx + 3) as u32) << 3 | (self.flip as u32) << 6
+    }
+    pub fn unpack(v: u32) -> Crop {
+        Crop { dy: (v & 7) as i32 - 3, dx: ((v >> 3) & 7) as i32 - 3, flip: v >> 6 & 1 == 1 }
+    }
+}
+
+/// Reflect padding index (PyTorch `'reflect'`: the edge pixel is not repeated).
+pub fn reflect(i: i32, len: i32) -> usize {
+    let i = if i < 0 { -i } else { i };
+    (if i >= len { 2 * (len - 1) - i } else { i }) as usize
+}
+
+pub trait Backend {
+    /// An f32 buffer.
+    type Tensor;
+    /// A u32 buffer (indices, labels, packed crops).
+    type Index;
+    /// A dataset: `(n, 32, 32, 3)` NHWC u8 images and their u8 labels.
+    type Images;
+
+    /// Short backend name, as on the command line.
+    fn name(&self) -> &'static str;
+    /// The device this backend runs on, for logs.
+    fn device_name(&self) -> String;
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Self::Tensor;
+    fn index_zeros(&self, len: usize) -> Self::Index;
+    fn upload(&self, dst: ViewMut<Self::Tensor>, src: &[f32]);
+    fn upload_index(&self, dst: ViewMut<Self::Index>, src: &[u32]);
+    fn upload_images(&self, pixels: &[u8], labels: &[u8]) -> Self::Images;
+    fn copy(&self, src: View<Self::Tensor>, dst: ViewMut<Self::Tensor>);
+    fn fill(&self, dst: ViewMut<Self::Tensor>, value: f32);
+    /// Reads a window back to the host once all work queued before it is done.
+    fn read(&self, src: View<Self::Tensor>) -> impl Future<Output = Vec<f32>>;
+    /// Resolves when all queued work is done (for timing).
+    fn sync(&self) -> impl Future<Output = ()>;
+
+    // ---- data ----
+    /// Gathers `n` images `index[i]` of `images` under the views `crops[i]` (packed `Crop`s),
+    /// normalised with `MEAN`/`STD`, into `x (n, 32, 32, 3)`, and their labels into `labels (n)`.
+    fn load_batch(
+        &self,
+        images: &Self::Images,
+        index: View<Self::Index>,
+        crops: View<Self::Index>,
+        x: &mut Self::Tensor,
+        labels: &mut Self::Index,
+    );
+    /// For each image of `x (n, 32, 32, 3)`, the sum over its 31×31 2×2 patches `p` of
+    /// `p pᵀ`, each patch flattened in PyTorch's `(c, ky, kx)` order, into `out (n, 12, 12)`.
+    /// Per image, so the host can add them in f64: the smallest eigenvalues are ~1e-4 of
+    /// the largest, too small for one f32 sum over all images.
+    fn patch_moments(&self, n: usize, x: &Self::Tensor, out: &mut Self::Tensor);
+
+    // ---- convolution (no bias) ----
+    /// `y (n, oh, ow, c_out) = conv(x (n, h, w, c_in), w (c_out, k, k, c_in))`.
+    fn conv_forward(&self, s: ConvShape, x: &Self::Tensor, w: View<Self::Tensor>, y: &mut Self::Tensor);
+    /// `dx (n, h, w, c_in)` from `dy (n, oh, ow, c_out)`.
+    fn conv_backward_data(&self, s: ConvShape, dy: &Self::Tensor, w: View<Self::Tensor>, dx: &mut Self::Tensor);
+    /// `dw (c_out, k, k, c_in)` (overwritten) from `x` and `dy`.
+    fn conv_backward_filter(&self, s: ConvShape, x: &Self::Tensor, dy: &Self::Tensor, dw: ViewMut<Self::Tensor>);
+
+    // ---- activations and normalisation ----
+    /// In place `z += bias` over `(pixels, c)`, then `a = gelu(z)`.
+    fn bias_gelu_forward(&self, pixels: usize, c: usize, z: &mut Self::Tensor, bias: View<Self::Tensor>, a: &mut Self::Tensor);
+    /// `dbias (c) = Σ_pixels da · gelu'(z)` (overwritten).
+    fn bias_gelu_backward(&self, pixels: usize, c: usize, z: &Self::Tensor, da: &Self::Tensor, dbias: ViewMut<Self::Tensor>);
+    /// Pool → BatchNorm(γ = 1, β = `beta`) → GELU. Reads `y (n, h, w, c)`; writes the
+    /// normalised pre-activation `z (n, oh, ow, c)`, `a = gelu(z)`, and `saved (2c)` =
+    /// (mean, 1/std) used. In train mode also updates `running (2c)` = (mean, var).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_bn_gelu_forward(
+        &self,
+        s: PoolBnShape,
+        mode: BnMode,
+        y: &Self::Tensor,
+        beta: View<Self::Tensor>,
+        running: ViewMut<Self::Tensor>,
+        z: &mut Self::Tensor,
+        a: &mut Self::Tensor,
+        saved: &mut Self::Tensor,
+    );
+    /// Backward of `pool_bn_gelu_forward` in train mode: from `da (n, oh, ow, c)` (clobbered)
+    /// writes `dy (n, h, w, c)` (the pooled-away positions get 0) and `dbeta (c)` (overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn pool_bn_gelu_backward(
+        &self,
+        s: PoolBnShape,
+        y: &Self::Tensor,
+        z: &Self::Tensor,
+        saved: &Self::Tensor,
+        beta: View<Self::Tensor>,
+        da: &mut Self::Tensor,
+        dy: &mut Self::Tensor,
+        dbeta: ViewMut<Self::Tensor>,
+    );
+    /// `y (n, h/p, w/p, c) = maxpool_p(x (n, h, w, c))`, floor mode.
+    fn max_pool_forward(&self, s: PoolBnShape, x: &Self::Tensor, y: &mut Self::Tensor);
+    /// Routes `dy` to the first maximum of each window of `x`; other positions of `dx` get 0.
+    fn max_pool_backward(&self, s: PoolBnShape, x: &Self::Tensor, dy: &Self::Tensor, dx: &mut Self::Tensor);
+
+    // ---- head and loss ----
+    /// `y (n, c_out) = scale · x (n, c_in) · wᵀ`, `w (c_out, c_in)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_forward(&self, n: usize, c_in: usize, c_out: usize, scale: f32, x: &Self::Tensor, w: View<Self::Tensor>, y: &mut Self::Tensor);
+    /// `dx = scale · dy · w` and `dw = scale · dyᵀ · x` (both overwritten).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        scale: f32,
+        x: &Self::Tensor,
+        w: View<Self::Tensor>,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+        dw: ViewMut<Self::Tensor>,
+    );
+    /// Label-smoothed cross-entropy of `logits (n, 10)`, summed over the batch. Adds the loss
+    /// to `stats[0]` and the number of correct argmax predictions to `stats[1]`; when `dlogits`
+    /// is given, writes the gradient of the summed loss into it.
+    fn cross_entropy(
+        &self,
+        n: usize,
+        smoothing: f32,
+        logits: &Self::Tensor,
+        labels: &Self::Index,
+        dlogits: Option<&mut Self::Tensor>,
+        stats: &mut Self::Tensor,
+    );
+    /// `y += alpha · x`.
+    fn axpy(&self, alpha: f32, x: View<Self::Tensor>, y: ViewMut<Self::Tensor>);
+
+    // ---- optimizer ----
+    /// PyTorch SGD, Nesterov, dampening 0, L2 weight decay, in this order:
+    /// `g += wd·p; m = momentum·m + g; g += momentum·m; p -= lr·g`.
+    #[allow(clippy::too_many_arguments)]
+    fn sgd_step(&self, p: ViewMut<Self::Tensor>, g: View<Self::Tensor>, m: ViewMut<Self::Tensor>, lr: f32, wd: f32, momentum: f32);
+    /// Lookahead: `ema += (1 − decay)·(net − ema); net = ema`.
+    fn lookahead(&self, decay: f32, ema: ViewMut<Self::Tensor>, net: ViewMut<Self::Tensor>);
+}
+
+/// A whole-buffer view.
+pub fn all<T>(buf: &T, len: usize) -> View<'_, T> {
+    View { buf, range: 0..len }
+}
+
+/// A whole-buffer mutable view.
+pub fn all_mut<T>(buf: &mut T, len: usize) -> ViewMut<'_, T> {
+    ViewMut { buf, range: 0..len }
+}
+
+/// Blocks on a backend future (native entry points only; the web build awaits instead).
+#[cfg(not(target_arch = "wasm32"))]
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    pollster::block_on(f)
+}

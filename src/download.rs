@@ -1,0 +1,197 @@
+//! `speedrun download`: fetches the official CIFAR-10 binary archive, verifies its MD5,
+//! extracts it into a staging folder and renames it into place, so an interrupted or
+//! corrupt download never leaves anything that looks like valid data.
+
+use crate::data::{self, ARCHIVE_FOLDER};
+use anyhow::{bail, Context, Result};
+use md5::{Digest, Md5};
+use std::io::{Read, Write};
+use std::path::Path;
+
+/// Where to fetch the archive from, and what it must hash to.
+pub struct Source<'a> {
+    pub url: &'a str,
+    pub md5: &'a str,
+    pub size: Option<u64>,
+}
+
+pub const OFFICIAL: Source<'static> =
+    Source { url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", md5: "c32a1d4ab5d03f1284b67883e8d87530", size: Some(170_052_171) };
+
+const PART: &str = ".cifar-10-binary.tar.gz.part";
+const STAGING: &str = ".extracting";
+
+/// Makes sure `dir` holds CIFAR-10, downloading it when it does not.
+/// Returns whether it downloaded.
+pub fn ensure(dir: &Path, source: &Source, progress: bool) -> Result<bool> {
+    if data::is_complete(dir) {
+        return Ok(false);
+    }
+    eprintln!("CIFAR-10 not found in {}; downloading {}", dir.display(), source.url);
+    download(dir, source, progress)?;
+    Ok(true)
+}
+
+/// Downloads and extracts into `dir/cifar-10-batches-bin`, replacing an incomplete copy.
+pub fn download(dir: &Path, source: &Source, progress: bool) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create data folder {}", dir.display()))?;
+    let (part, staging) = (dir.join(PART), dir.join(STAGING));
+    let cleanup = || {
+        let _ = std::fs::remove_file(&part);
+        let _ = std::fs::remove_dir_all(&staging);
+    };
+    cleanup(); // leftovers of an interrupted earlier attempt
+    let result = fetch_verify_extract(dir, source, progress);
+    cleanup();
+    result
+}
+
+fn fetch_verify_extract(dir: &Path, source: &Source, progress: bool) -> Result<()> {
+    let (part, staging) = (dir.join(PART), dir.join(STAGING));
+    let md5 = fetch(source, &part, progress)?;
+    if md5 != source.md5 {
+        bail!("the download from {} is corrupt: its MD5 is {md5}, expected {}; run `speedrun download` again", source.url, source.md5);
+    }
+    let archive = std::fs::File::open(&part)?;
+    tar::Archive::new(flate2::read::GzDecoder::new(archive))
+        .unpack(&staging)
+        .with_context(|| format!("cannot extract {} into {} (is the disk full?)", source.url, staging.display()))?;
+    let extracted = staging.join(ARCHIVE_FOLDER);
+    if !data::is_complete(&extracted) {
+        bail!("the archive from {} does not hold the six CIFAR-10 .bin files in {ARCHIVE_FOLDER}/", source.url);
+    }
+    let target = dir.join(ARCHIVE_FOLDER);
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot replace the incomplete {}", target.display()))?;
+    }
+    std::fs::rename(&extracted, &target).with_context(|| format!("cannot move the data into {}", target.display()))?;
+    Ok(())
+}
+
+/// Streams `source.url` into `part`, returning the hex MD5 of what was received.
+fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
+    let response = ureq::get(source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
+    let total = response.body().content_length().or(source.size);
+    let mut reader = response.into_body().into_reader();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(part).with_context(|| format!("cannot write {}", part.display()))?);
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let (mut received, mut shown) = (0u64, 0u64);
+    loop {
+        let n = reader.read(&mut buf).with_context(|| format!("the download from {} was interrupted after {received} bytes", source.url))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        file.write_all(&buf[..n]).with_context(|| format!("cannot write {} (is the disk full?)", part.display()))?;
+        received += n as u64;
+        if progress && received - shown >= 1 << 21 {
+            shown = received;
+            print_progress(received, total);
+        }
+    }
+    file.flush().with_context(|| format!("cannot write {} (is the disk full?)", part.display()))?;
+    if progress {
+        print_progress(received, total);
+        eprintln!();
+    }
+    if let Some(size) = source.size.filter(|&s| s != received) {
+        bail!("the download from {} is incomplete: got {received} bytes, expected {size}; run `speedrun download` again", source.url);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn print_progress(received: u64, total: Option<u64>) {
+    let mb = |b: u64| b as f64 / 1e6;
+    match total {
+        Some(t) if t > 0 => {
+            let frac = (received as f64 / t as f64).min(1.0);
+            let bar = (frac * 30.0) as usize;
+            eprint!("\r[{}{}] {:5.1}%  {:.1}/{:.1} MB", "#".repeat(bar), " ".repeat(30 - bar), 100.0 * frac, mb(received), mb(t));
+        }
+        _ => eprint!("\r{:.1} MB", mb(received)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// Serves one HTTP response on 127.0.0.1: `declared` as Content-Length, `body` as sent.
+    fn serve_once(body: Vec<u8>, declared: usize) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/cifar-10-binary.tar.gz", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        });
+        url
+    }
+
+    /// A tar.gz laid out like the official archive, with full-size (all-zero) batch files.
+    fn archive() -> Vec<u8> {
+        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let file = vec![0u8; data::RECORD * data::RECORDS_PER_FILE];
+        for name in data::TRAIN_FILES.iter().chain([&data::TEST_FILE]) {
+            let mut header = tar::Header::new_gnu();
+            header.set_size(file.len() as u64);
+            header.set_mode(0o644);
+            header.set_cksum();
+            tar.append_data(&mut header, format!("{ARCHIVE_FOLDER}/{name}"), &file[..]).unwrap();
+        }
+        tar.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn md5_hex(bytes: &[u8]) -> String {
+        Md5::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn leftovers(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir).map(|d| d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn downloads_verifies_and_extracts() {
+        let bytes = archive();
+        let md5 = md5_hex(&bytes);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("cifar");
+        let url = serve_once(bytes.clone(), bytes.len());
+        let source = Source { url: &url, md5: &md5, size: Some(bytes.len() as u64) };
+        assert!(ensure(&dir, &source, false).unwrap());
+        assert!(data::is_complete(&dir));
+        assert_eq!(leftovers(&dir), vec![ARCHIVE_FOLDER.to_string()]);
+        assert_eq!(data::load_test(&dir, None).unwrap().len(), 10_000);
+        // Already present: nothing is fetched (no server is listening any more).
+        assert!(!ensure(&dir, &source, false).unwrap());
+    }
+
+    #[test]
+    fn checksum_mismatch_leaves_nothing() {
+        let bytes = archive();
+        let tmp = tempfile::tempdir().unwrap();
+        let url = serve_once(bytes.clone(), bytes.len());
+        let source = Source { url: &url, md5: "00000000000000000000000000000000", size: None };
+        let err = format!("{:#}", download(tmp.path(), &source, false).unwrap_err());
+        assert!(err.contains("corrupt") && err.contains("MD5"), "{err}");
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+        assert!(!data::is_complete(tmp.path()));
+    }
+
+    #[test]
+    fn truncated_transfer_leaves_nothing() {
+        let bytes = archive();
+        let md5 = md5_hex(&bytes);
+        let tmp = tempfile::tempdir().unwrap();
+        let url = serve_once(bytes[..bytes.len() / 2].to_vec(), bytes.len());
+        let source = Source { url: &url, md5: &md5, size: Some(bytes.len() as u64) };
+        let err = format!("{:#}", download(tmp.path(), &source, false).unwrap_err());
+        assert!(err.contains("interrupted") || err.contains("incomplete"), "{err}");
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
+    }
+}

@@ -1,0 +1,307 @@
+//! The airbench94 network, generic over `Backend`: the flat parameter arena, init, the
+//! whitening filters, and forward and backward as plain functions in a fixed order.
+//!
+//! whiten conv 2×2 (3→24, bias, frozen weight) → GELU
+//! → 3 × [conv3×3 → maxpool2 → BN → GELU → conv3×3 → BN → GELU]  (widths w1, w2, w3)
+//! → global maxpool 3×3 → linear (w3→10, no bias) × 1/9
+
+use crate::backend::{all, all_mut, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, PATCH, SIDE};
+use crate::linalg::symmetric_eigen;
+use crate::rng::Rng;
+use std::ops::Range;
+
+/// Output channels of the whitening conv: 12 eigen-filters and their negatives.
+pub const WHITEN_OUT: usize = 2 * PATCH;
+/// Side of the whitening output (2×2 conv, no padding).
+const WHITEN_SIDE: usize = SIDE - 1;
+
+/// One named tensor of the arena. `shape` is the internal layout (conv weights OHWI).
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub range: Range<usize>,
+}
+
+/// One conv → [pool] → BN → GELU layer: block `block` (1-based), conv `conv` (1 or 2).
+#[derive(Clone, Copy, Debug)]
+pub struct Layer {
+    pub block: usize,
+    pub conv: usize,
+    pub side: usize,
+    pub c_in: usize,
+    pub c_out: usize,
+    pub pool: usize,
+}
+
+impl Layer {
+    pub fn conv_shape(&self, n: usize) -> ConvShape {
+        ConvShape { n, h: self.side, w: self.side, c_in: self.c_in, c_out: self.c_out, k: 3, pad: 1 }
+    }
+    pub fn bn_shape(&self, n: usize) -> PoolBnShape {
+        PoolBnShape { n, h: self.side, w: self.side, c: self.c_out, pool: self.pool }
+    }
+    pub fn out_side(&self) -> usize {
+        self.side / self.pool
+    }
+}
+
+/// The six conv layers for block widths `widths`.
+pub fn layers(widths: [usize; 3]) -> Vec<Layer> {
+    let mut out = Vec::new();
+    let (mut side, mut c_in) = (WHITEN_SIDE, WHITEN_OUT);
+    for (b, &w) in widths.iter().enumerate() {
+        out.push(Layer { block: b + 1, conv: 1, side, c_in, c_out: w, pool: 2 });
+        side /= 2;
+        out.push(Layer { block: b + 1, conv: 2, side, c_in: w, c_out: w, pool: 1 });
+        c_in = w;
+    }
+    out
+}
+
+/// Where every tensor lives. `params` = [whiten.bias | conv weights | head | BN biases |
+/// whiten.weight]: the first `trainable` entries have gradients; `running` holds each BN's
+/// (mean, var) pair.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub widths: [usize; 3],
+    pub layers: Vec<Layer>,
+    pub params: Vec<Slot>,
+    pub running: Vec<Slot>,
+    pub trainable: usize,
+    /// Trained with the base lr: whitening bias, conv weights, head.
+    pub base_group: Range<usize>,
+    /// Trained with the ×64 bias lr: BN biases.
+    pub bias_group: Range<usize>,
+    pub running_len: usize,
+}
+
+fn push(slots: &mut Vec<Slot>, name: String, shape: Vec<usize>) -> usize {
+    let start = slots.last().map_or(0, |s| s.range.end);
+    let end = start + shape.iter().product::<usize>();
+    slots.push(Slot { name, shape, range: start..end });
+    end
+}
+
+impl Layout {
+    pub fn new(widths: [usize; 3]) -> Layout {
+        let layers = layers(widths);
+        let mut params = Vec::new();
+        push(&mut params, "whiten.bias".into(), vec![WHITEN_OUT]);
+        for l in &layers {
+            push(&mut params, format!("block{}.conv{}.weight", l.block, l.conv), vec![l.c_out, 3, 3, l.c_in]);
+        }
+        let base_end = push(&mut params, "head.weight".into(), vec![CLASSES, widths[2]]);
+        for l in &layers {
+            push(&mut params, format!("block{}.norm{}.bias", l.block, l.conv), vec![l.c_out]);
+        }
+        let trainable = params.last().unwrap().range.end;
+        push(&mut params, "whiten.weight".into(), vec![WHITEN_OUT, 2, 2, CHANNELS]);
+        let mut running = Vec::new();
+        for l in &layers {
+            for stat in ["running_mean", "running_var"] {
+                push(&mut running, format!("block{}.norm{}.{stat}", l.block, l.conv), vec![l.c_out]);
+            }
+        }
+        let running_len = running.last().unwrap().range.end;
+        Layout { widths, layers, params, running, trainable, base_group: 0..base_end, bias_group: base_end..trainable, running_len }
+    }
+
+    pub fn param(&self, name: &str) -> Range<usize> {
+        self.params.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no parameter {name}")).range.clone()
+    }
+
+    pub fn params_len(&self) -> usize {
+        self.params.last().unwrap().range.end
+    }
+
+    /// Arena ranges of layer `i`: (conv weight, BN bias, running (mean, var)).
+    fn layer_ranges(&self, i: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
+        let conv = self.params[1 + i].range.clone();
+        let bias = self.params[self.layers.len() + 2 + i].range.clone();
+        let running = self.running[2 * i].range.start..self.running[2 * i + 1].range.end;
+        (conv, bias, running)
+    }
+
+    /// Fresh parameters as PyTorch initialises airbench94: conv weights kaiming-uniform
+    /// U(±1/√(9·c_in)) with the first c_in filters set to identity (dirac), head U(±1/√w3),
+    /// BN biases and the whitening layer 0 (the whitening weight comes from the data).
+    pub fn init(&self, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
+        let mut params = vec![0.0f32; self.params_len()];
+        for (i, l) in self.layers.iter().enumerate() {
+            let w = &mut params[self.layer_ranges(i).0];
+            let bound = 1.0 / ((9 * l.c_in) as f32).sqrt();
+            w.iter_mut().for_each(|v| *v = rng.symmetric(bound));
+            for o in 0..l.c_in.min(l.c_out) {
+                let filter = &mut w[o * 9 * l.c_in..(o + 1) * 9 * l.c_in];
+                filter.fill(0.0);
+                filter[4 * l.c_in + o] = 1.0; // centre tap (1, 1) of input channel o
+            }
+        }
+        let bound = 1.0 / (self.widths[2] as f32).sqrt();
+        params[self.param("head.weight")].iter_mut().for_each(|v| *v = rng.symmetric(bound));
+        let mut running = vec![0.0f32; self.running_len];
+        for s in self.running.iter().filter(|s| s.name.ends_with("running_var")) {
+            running[s.range.clone()].fill(1.0);
+        }
+        (params, running)
+    }
+}
+
+/// Whitening filters from the uncentered 2×2-patch second moments `moments (12, 12)` of
+/// `count` patches: eigenvectors / √(λ + eps) and their negatives, as OHWI `(24, 2, 2, 3)`.
+/// Also returns the eigenvalues, descending.
+pub fn whitening_filters(moments: &[f64], count: f64, eps: f64) -> (Vec<f32>, Vec<f64>) {
+    let cov: Vec<f64> = moments.iter().map(|m| m / count).collect();
+    let (values, vectors) = symmetric_eigen(&cov, PATCH);
+    let mut w = vec![0.0f32; WHITEN_OUT * PATCH];
+    for (o, (lambda, v)) in values.iter().zip(&vectors).enumerate() {
+        for (j, &vj) in v.iter().enumerate() {
+            let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch (c, ky, kx) → OHWI
+            let f = (vj / (lambda + eps).sqrt()) as f32;
+            w[o * PATCH + (ky * 2 + kx) * CHANNELS + c] = f;
+            w[(o + PATCH) * PATCH + (ky * 2 + kx) * CHANNELS + c] = -f;
+        }
+    }
+    (w, values)
+}
+
+/// Activations of one conv layer, all NHWC at batch capacity.
+struct LayerActs<B: Backend> {
+    y: B::Tensor,     // (n, side, side, c_out) conv output
+    z: B::Tensor,     // (n, side/pool, side/pool, c_out) BN output, before GELU
+    a: B::Tensor,     // (n, side/pool, side/pool, c_out) GELU output
+    saved: B::Tensor, // (2, c_out) batch mean and 1/std
+}
+
+/// The network's parameters and every buffer one step needs, allocated once.
+pub struct Net<B: Backend> {
+    pub layout: Layout,
+    pub capacity: usize,
+    pub params: B::Tensor,  // (params_len) the arena
+    pub running: B::Tensor, // (running_len) BN running statistics
+    pub grads: B::Tensor,   // (trainable)
+    pub x: B::Tensor,       // (n, 32, 32, 3) input
+    pub labels: B::Index,   // (n)
+    pub logits: B::Tensor,  // (n, 10)
+    pub dlogits: B::Tensor, // (n, 10)
+    z0: B::Tensor,          // (n, 31, 31, 24) whitening conv + bias
+    a0: B::Tensor,          // (n, 31, 31, 24) GELU of z0
+    acts: Vec<LayerActs<B>>,
+    pooled: B::Tensor,  // (n, w3) global max
+    dpooled: B::Tensor, // (n, w3)
+    grad_a: B::Tensor,  // scratch: gradient w.r.t. a layer's output activation
+    grad_y: B::Tensor,  // scratch: gradient w.r.t. a conv output
+}
+
+/// Logits are scaled by this before the loss (airbench94's `scaling_factor`).
+pub const LOGIT_SCALE: f32 = 1.0 / 9.0;
+
+impl<B: Backend> Net<B> {
+    pub fn new(b: &B, widths: [usize; 3], capacity: usize) -> Net<B> {
+        let layout = Layout::new(widths);
+        let n = capacity;
+        let whiten_len = n * WHITEN_SIDE * WHITEN_SIDE * WHITEN_OUT;
+        let acts: Vec<LayerActs<B>> = layout
+            .layers
+            .iter()
+            .map(|l| LayerActs {
+                y: b.zeros(n * l.side * l.side * l.c_out),
+                z: b.zeros(n * l.out_side().pow(2) * l.c_out),
+                a: b.zeros(n * l.out_side().pow(2) * l.c_out),
+                saved: b.zeros(2 * l.c_out),
+            })
+            .collect();
+        let scratch = layout.layers.iter().map(|l| n * l.side * l.side * l.c_out.max(l.c_in)).max().unwrap().max(whiten_len);
+        Net {
+            params: b.zeros(layout.params_len()),
+            running: b.zeros(layout.running_len),
+            grads: b.zeros(layout.trainable),
+            x: b.zeros(n * SIDE * SIDE * CHANNELS),
+            labels: b.index_zeros(n),
+            logits: b.zeros(n * CLASSES),
+            dlogits: b.zeros(n * CLASSES),
+            z0: b.zeros(whiten_len),
+            a0: b.zeros(whiten_len),
+            acts,
+            pooled: b.zeros(n * widths[2]),
+            dpooled: b.zeros(n * widths[2]),
+            grad_a: b.zeros(scratch),
+            grad_y: b.zeros(scratch),
+            layout,
+            capacity,
+        }
+    }
+
+    fn whiten_shape(n: usize) -> ConvShape {
+        ConvShape { n, h: SIDE, w: SIDE, c_in: CHANNELS, c_out: WHITEN_OUT, k: 2, pad: 0 }
+    }
+
+    fn final_pool(layout: &Layout, n: usize) -> PoolBnShape {
+        let last = layout.layers.last().unwrap();
+        PoolBnShape { n, h: last.out_side(), w: last.out_side(), c: last.c_out, pool: last.out_side() }
+    }
+
+    /// `logits = net(x)` for the first `n` images of `self.x`.
+    pub fn forward(&mut self, b: &B, n: usize, mode: BnMode) {
+        assert!(n <= self.capacity);
+        let l = &self.layout;
+        let params = &self.params;
+        let p = |r: Range<usize>| View { buf: params, range: r };
+        b.conv_forward(Self::whiten_shape(n), &self.x, p(l.param("whiten.weight")), &mut self.z0);
+        b.bias_gelu_forward(n * WHITEN_SIDE * WHITEN_SIDE, WHITEN_OUT, &mut self.z0, p(l.param("whiten.bias")), &mut self.a0);
+        for i in 0..l.layers.len() {
+            let (conv, bias, running) = l.layer_ranges(i);
+            let (done, rest) = self.acts.split_at_mut(i);
+            let input = done.last().map_or(&self.a0, |prev| &prev.a);
+            let act = &mut rest[0];
+            b.conv_forward(l.layers[i].conv_shape(n), input, p(conv), &mut act.y);
+            let running = ViewMut { buf: &mut self.running, range: running };
+            b.pool_bn_gelu_forward(l.layers[i].bn_shape(n), mode, &act.y, p(bias), running, &mut act.z, &mut act.a, &mut act.saved);
+        }
+        let last = &self.acts.last().unwrap().a;
+        b.max_pool_forward(Self::final_pool(l, n), last, &mut self.pooled);
+        b.linear_forward(n, l.widths[2], CLASSES, LOGIT_SCALE, &self.pooled, p(l.param("head.weight")), &mut self.logits);
+    }
+
+    /// Gradients of the loss whose logit gradient is in `self.dlogits`, after a train-mode
+    /// `forward`. The whitening bias (and the input gradient of the first conv that it
+    /// needs) is computed only when `whiten_bias` is set.
+    pub fn backward(&mut self, b: &B, n: usize, whiten_bias: bool) {
+        let l = &self.layout;
+        let params = &self.params;
+        let p = |r: Range<usize>| View { buf: params, range: r };
+        let grads = &mut self.grads;
+        let head = l.param("head.weight");
+        b.linear_backward(n, l.widths[2], CLASSES, LOGIT_SCALE, &self.pooled, p(head.clone()), &self.dlogits, &mut self.dpooled, ViewMut { buf: grads, range: head });
+        b.max_pool_backward(Self::final_pool(l, n), &self.acts.last().unwrap().a, &self.dpooled, &mut self.grad_a);
+        for i in (0..l.layers.len()).rev() {
+            let (conv, bias, _) = l.layer_ranges(i);
+            let act = &self.acts[i];
+            let input = if i == 0 { &self.a0 } else { &self.acts[i - 1].a };
+            let layer = l.layers[i];
+            b.pool_bn_gelu_backward(layer.bn_shape(n), &act.y, &act.z, &act.saved, p(bias.clone()), &mut self.grad_a, &mut self.grad_y, ViewMut { buf: grads, range: bias });
+            b.conv_backward_filter(layer.conv_shape(n), input, &self.grad_y, ViewMut { buf: grads, range: conv.clone() });
+            if i > 0 || whiten_bias {
+                b.conv_backward_data(layer.conv_shape(n), &self.grad_y, p(conv), &mut self.grad_a);
+            }
+        }
+        if whiten_bias {
+            let bias = l.param("whiten.bias");
+            b.bias_gelu_backward(n * WHITEN_SIDE * WHITEN_SIDE, WHITEN_OUT, &self.z0, &self.grad_a, ViewMut { buf: grads, range: bias });
+        }
+    }
+
+    /// Uploads host parameters and running statistics (e.g. from `Layout::init`).
+    pub fn set_state(&mut self, b: &B, params: &[f32], running: &[f32]) {
+        b.upload(all_mut(&mut self.params, params.len()), params);
+        b.upload(all_mut(&mut self.running, running.len()), running);
+    }
+
+    /// Reads parameters and running statistics back to the host.
+    pub async fn state(&self, b: &B) -> (Vec<f32>, Vec<f32>) {
+        let params = b.read(all(&self.params, self.layout.params_len())).await;
+        let running = b.read(all(&self.running, self.layout.running_len)).await;
+        (params, running)
+    }
+}
