@@ -61,7 +61,8 @@ pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra
     for l in &layout.layers {
         tensors.push((format!("block{}.norm{}.weight", l.block, l.conv), vec![l.c_out], le_bytes(&vec![1.0; l.c_out])));
     }
-    let views: Vec<(String, TensorView)> = tensors.iter().map(|(n, s, d)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), d).expect("sizes match"))).collect();
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, s, d)| (n.clone(), TensorView::new(Dtype::F32, s.clone(), d).expect("sizes match"))).collect();
     let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("widths".into(), layout.widths.map(|w| w.to_string()).join(","));
@@ -76,6 +77,7 @@ pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra
 }
 
 /// A checkpoint read back: its layout and host copies of the arena and running statistics.
+#[derive(Debug)]
 pub struct Loaded {
     pub layout: Layout,
     pub params: Vec<f32>,
@@ -90,7 +92,13 @@ pub fn load(path: &Path) -> Result<Loaded> {
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         bail!(bad());
     }
-    let widths: Vec<usize> = meta.get("widths").context("no widths in the checkpoint metadata")?.split(',').map(|w| w.parse()).collect::<Result<_, _>>().with_context(bad)?;
+    let widths: Vec<usize> = meta
+        .get("widths")
+        .context("no widths in the checkpoint metadata")?
+        .split(',')
+        .map(|w| w.parse())
+        .collect::<Result<_, _>>()
+        .with_context(bad)?;
     let widths: [usize; 3] = widths.try_into().map_err(|_| anyhow::anyhow!(bad()))?;
     let layout = Layout::new(widths);
     let st = SafeTensors::deserialize(&bytes).with_context(bad)?;
@@ -99,7 +107,14 @@ pub fn load(path: &Path) -> Result<Loaded> {
         for slot in slots {
             let t = st.tensor(&slot.name).with_context(|| format!("{}: tensor {} is missing", path.display(), slot.name))?;
             if t.dtype() != Dtype::F32 || t.shape() != torch_shape(&slot.shape).as_slice() {
-                bail!("{}: tensor {} is {:?} {:?}, expected F32 {:?}", path.display(), slot.name, t.dtype(), t.shape(), torch_shape(&slot.shape));
+                bail!(
+                    "{}: tensor {} is {:?} {:?}, expected F32 {:?}",
+                    path.display(),
+                    slot.name,
+                    t.dtype(),
+                    t.shape(),
+                    torch_shape(&slot.shape)
+                );
             }
             let data: Vec<f32> = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
             out[slot.range.clone()].copy_from_slice(&permute(&slot.shape, &data, false));

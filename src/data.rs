@@ -13,7 +13,7 @@ pub const ARCHIVE_FOLDER: &str = "cifar-10-batches-bin";
 pub const CLASS_NAMES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// Images as `(n, 32, 32, 3)` NHWC u8 and their labels 0..9.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Split {
     pub pixels: Vec<u8>,
     pub labels: Vec<u8>,
@@ -55,7 +55,10 @@ pub fn batches_dir(dir: &Path) -> Option<PathBuf> {
 /// validates the labels).
 pub fn is_complete(dir: &Path) -> bool {
     batches_dir(dir).is_some_and(|d| {
-        TRAIN_FILES.iter().chain([&TEST_FILE]).all(|f| std::fs::metadata(d.join(f)).is_ok_and(|m| m.len() == (RECORD * RECORDS_PER_FILE) as u64))
+        TRAIN_FILES
+            .iter()
+            .chain([&TEST_FILE])
+            .all(|f| std::fs::metadata(d.join(f)).is_ok_and(|m| m.len() == (RECORD * RECORDS_PER_FILE) as u64))
     })
 }
 

@@ -9,14 +9,20 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 /// Where to fetch the archive from, and what it must hash to.
-pub struct Source<'a> {
-    pub url: &'a str,
-    pub md5: &'a str,
+pub struct Source {
+    pub url: String,
+    pub md5: String,
     pub size: Option<u64>,
 }
 
-pub const OFFICIAL: Source<'static> =
-    Source { url: "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", md5: "c32a1d4ab5d03f1284b67883e8d87530", size: Some(170_052_171) };
+pub const OFFICIAL_URL: &str = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz";
+
+/// The official archive, fetched from `$SPEEDRUN_CIFAR_URL` (a mirror of the same file)
+/// when that is set.
+pub fn official() -> Source {
+    let url = std::env::var("SPEEDRUN_CIFAR_URL").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| OFFICIAL_URL.to_string());
+    Source { url, md5: "c32a1d4ab5d03f1284b67883e8d87530".into(), size: Some(170_052_171) }
+}
 
 const PART: &str = ".cifar-10-binary.tar.gz.part";
 const STAGING: &str = ".extracting";
@@ -70,7 +76,7 @@ fn fetch_verify_extract(dir: &Path, source: &Source, progress: bool) -> Result<(
 
 /// Streams `source.url` into `part`, returning the hex MD5 of what was received.
 fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
-    let response = ureq::get(source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
+    let response = ureq::get(&source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
     let total = response.body().content_length().or(source.size);
     let mut reader = response.into_body().into_reader();
     let mut file = std::io::BufWriter::new(std::fs::File::create(part).with_context(|| format!("cannot write {}", part.display()))?);
@@ -78,7 +84,8 @@ fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
     let mut buf = vec![0u8; 1 << 16];
     let (mut received, mut shown) = (0u64, 0u64);
     loop {
-        let n = reader.read(&mut buf).with_context(|| format!("the download from {} was interrupted after {received} bytes", source.url))?;
+        let n =
+            reader.read(&mut buf).with_context(|| format!("the download from {} was interrupted after {received} bytes", source.url))?;
         if n == 0 {
             break;
         }
@@ -126,7 +133,8 @@ mod tests {
             let (mut stream, _) = listener.accept().unwrap();
             let mut request = [0u8; 4096];
             let _ = stream.read(&mut request);
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {declared}\r\nContent-Type: application/gzip\r\nConnection: close\r\n\r\n");
             let _ = stream.write_all(head.as_bytes());
             let _ = stream.write_all(&body);
         });
@@ -162,7 +170,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("cifar");
         let url = serve_once(bytes.clone(), bytes.len());
-        let source = Source { url: &url, md5: &md5, size: Some(bytes.len() as u64) };
+        let source = Source { url, md5, size: Some(bytes.len() as u64) };
         assert!(ensure(&dir, &source, false).unwrap());
         assert!(data::is_complete(&dir));
         assert_eq!(leftovers(&dir), vec![ARCHIVE_FOLDER.to_string()]);
@@ -176,7 +184,7 @@ mod tests {
         let bytes = archive();
         let tmp = tempfile::tempdir().unwrap();
         let url = serve_once(bytes.clone(), bytes.len());
-        let source = Source { url: &url, md5: "00000000000000000000000000000000", size: None };
+        let source = Source { url, md5: "00000000000000000000000000000000".into(), size: None };
         let err = format!("{:#}", download(tmp.path(), &source, false).unwrap_err());
         assert!(err.contains("corrupt") && err.contains("MD5"), "{err}");
         assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
@@ -189,7 +197,7 @@ mod tests {
         let md5 = md5_hex(&bytes);
         let tmp = tempfile::tempdir().unwrap();
         let url = serve_once(bytes[..bytes.len() / 2].to_vec(), bytes.len());
-        let source = Source { url: &url, md5: &md5, size: Some(bytes.len() as u64) };
+        let source = Source { url, md5, size: Some(bytes.len() as u64) };
         let err = format!("{:#}", download(tmp.path(), &source, false).unwrap_err());
         assert!(err.contains("interrupted") || err.contains("incomplete"), "{err}");
         assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));

@@ -56,7 +56,9 @@ mod tests {
     #[test]
     fn reconstructs_a_symmetric_matrix() {
         let n = 5;
-        let a: Vec<f64> = (0..n * n).map(|i| ((i / n + 1) * (i % n + 1)) as f64 + if i / n == i % n { 3.0 } else { 0.0 } + ((i / n) as f64 - (i % n) as f64).abs()).collect();
+        let a: Vec<f64> = (0..n * n)
+            .map(|i| ((i / n + 1) * (i % n + 1)) as f64 + if i / n == i % n { 3.0 } else { 0.0 } + ((i / n) as f64 - (i % n) as f64).abs())
+            .collect();
         let (values, vectors) = symmetric_eigen(&a, n);
         assert!(values.windows(2).all(|w| w[0] >= w[1]));
         for (lambda, v) in values.iter().zip(&vectors) {

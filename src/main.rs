@@ -70,6 +70,9 @@ struct TrainArgs {
     epochs: f64,
     #[arg(long, default_value_t = Config::default().batch_size)]
     batch_size: usize,
+    /// Learning rate per 1024 examples (airbench94's decoupled form).
+    #[arg(long, default_value_t = Config::default().lr)]
+    lr: f64,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Independent runs (seeds seed, seed+1, ...), summarised at the end.
@@ -126,7 +129,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Download { data_dir } => {
             let dir = data::resolve_dir(data_dir.as_deref());
-            if download::ensure(&dir, &download::OFFICIAL, true)? {
+            if download::ensure(&dir, &download::official(), true)? {
                 println!("CIFAR-10 is ready in {}", dir.display());
             } else {
                 println!("CIFAR-10 is already present and complete in {}; nothing to do", dir.display());
@@ -188,9 +191,12 @@ fn format_row(run: u32, e: &EpochLog) -> String {
 }
 
 fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
+    let cfg =
+        Config { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, widths: args.widths, seed: args.seed, ..Config::default() };
+    cfg.validate()?;
     let dir = data::resolve_dir(args.data_dir.as_deref());
     if data::batches_dir(&dir).is_none() {
-        download::ensure(&dir, &download::OFFICIAL, true)?;
+        download::ensure(&dir, &download::official(), true)?;
     }
     let train_split = data::load_train(&dir, args.train_limit)?;
     let test_split = data::load_test(&dir, args.test_limit)?;
@@ -198,10 +204,15 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
         bail!("--train-limit and --test-limit must be at least 1");
     }
     let mut json = match &args.json {
-        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("cannot open {} for appending", p.display()))?),
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open {} for appending", p.display()))?,
+        ),
         None => None,
     };
-    let cfg = Config { epochs: args.epochs, batch_size: args.batch_size, widths: args.widths, seed: args.seed, ..Config::default() };
     let train_data = DeviceSplit::new(b, &train_split);
     let test_data = DeviceSplit::new(b, &test_split);
     let mut trainer = Trainer::new(b, cfg.clone(), &train_data)?;
@@ -254,7 +265,13 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     if let Some(path) = &args.save {
         let (params, running) = block_on(trainer.net.state(b));
         let tta_acc = results.last().map_or(0.0, |r| r.tta_accuracy);
-        checkpoint::save(path, trainer.layout(), &params, &running, &[("tta_accuracy", format!("{tta_acc:.4}")), ("seed", trainer.cfg.seed.to_string())])?;
+        checkpoint::save(
+            path,
+            trainer.layout(),
+            &params,
+            &running,
+            &[("tta_accuracy", format!("{tta_acc:.4}")), ("seed", trainer.cfg.seed.to_string())],
+        )?;
         println!("saved checkpoint {}", path.display());
     }
     if results.len() > 1 {

@@ -273,14 +273,33 @@ impl<B: Backend> Net<B> {
         let p = |r: Range<usize>| View { buf: params, range: r };
         let grads = &mut self.grads;
         let head = l.param("head.weight");
-        b.linear_backward(n, l.widths[2], CLASSES, LOGIT_SCALE, &self.pooled, p(head.clone()), &self.dlogits, &mut self.dpooled, ViewMut { buf: grads, range: head });
+        b.linear_backward(
+            n,
+            l.widths[2],
+            CLASSES,
+            LOGIT_SCALE,
+            &self.pooled,
+            p(head.clone()),
+            &self.dlogits,
+            &mut self.dpooled,
+            ViewMut { buf: grads, range: head },
+        );
         b.max_pool_backward(Self::final_pool(l, n), &self.acts.last().unwrap().a, &self.dpooled, &mut self.grad_a);
         for i in (0..l.layers.len()).rev() {
             let (conv, bias, _) = l.layer_ranges(i);
             let act = &self.acts[i];
             let input = if i == 0 { &self.a0 } else { &self.acts[i - 1].a };
             let layer = l.layers[i];
-            b.pool_bn_gelu_backward(layer.bn_shape(n), &act.y, &act.z, &act.saved, p(bias.clone()), &mut self.grad_a, &mut self.grad_y, ViewMut { buf: grads, range: bias });
+            b.pool_bn_gelu_backward(
+                layer.bn_shape(n),
+                &act.y,
+                &act.z,
+                &act.saved,
+                p(bias.clone()),
+                &mut self.grad_a,
+                &mut self.grad_y,
+                ViewMut { buf: grads, range: bias },
+            );
             b.conv_backward_filter(layer.conv_shape(n), input, &self.grad_y, ViewMut { buf: grads, range: conv.clone() });
             if i > 0 || whiten_bias {
                 b.conv_backward_data(layer.conv_shape(n), &self.grad_y, p(conv), &mut self.grad_a);

@@ -81,6 +81,20 @@ pub struct Group {
 }
 
 impl Config {
+    /// Rejects settings no run can use, naming the flag.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.epochs > 0.0 && self.epochs.is_finite()) {
+            bail!("--epochs must be positive (got {})", self.epochs);
+        }
+        if self.batch_size == 0 {
+            bail!("--batch-size must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            bail!("--lr must be positive (got {})", self.lr);
+        }
+        Ok(())
+    }
+
     /// (base group, BN-bias group) from the decoupled hyperparameters, as airbench94.
     pub fn groups(&self) -> (Group, Group) {
         let kilostep_scale = 1024.0 * (1.0 + 1.0 / (1.0 - self.momentum));
@@ -115,7 +129,7 @@ impl Config {
     pub fn lookahead_decay(&self, t: usize, total: usize) -> Option<f64> {
         if t == total {
             Some(1.0)
-        } else if t % self.lookahead_every == 0 {
+        } else if t.is_multiple_of(self.lookahead_every) {
             Some(self.ema_base.powi(self.lookahead_every as i32) * (t as f64 / total as f64).powi(3))
         } else {
             None
@@ -131,7 +145,14 @@ pub fn tta_views(level: usize) -> Vec<(f32, Crop)> {
         0 => vec![(1.0, Crop::IDENTITY)],
         1 => vec![(0.5, Crop::IDENTITY), (0.5, c(0, 0, true))],
         // Mirroring a view shifted by dx equals shifting the mirrored image by −dx.
-        _ => vec![(0.25, Crop::IDENTITY), (0.25, c(0, 0, true)), (0.125, c(-1, -1, false)), (0.125, c(-1, 1, true)), (0.125, c(1, 1, false)), (0.125, c(1, -1, true))],
+        _ => vec![
+            (0.25, Crop::IDENTITY),
+            (0.25, c(0, 0, true)),
+            (0.125, c(-1, -1, false)),
+            (0.125, c(-1, 1, true)),
+            (0.125, c(1, 1, false)),
+            (0.125, c(1, -1, true)),
+        ],
     }
 }
 
@@ -240,9 +261,9 @@ pub struct Trainer<'a, B: Backend> {
     momentum: B::Tensor,   // (trainable) SGD momentum buffers
     ema_params: B::Tensor, // (params_len) lookahead copy of the arena
     ema_running: B::Tensor,
-    order: B::Index, // (n_train) this epoch's shuffle
-    crops: B::Index, // (n_train) this epoch's packed crops, in shuffled order
-    stats: B::Tensor, // (2) this epoch's summed loss and correct count
+    order: B::Index,    // (n_train) this epoch's shuffle
+    crops: B::Index,    // (n_train) this epoch's packed crops, in shuffled order
+    stats: B::Tensor,   // (2) this epoch's summed loss and correct count
     identity: B::Index, // (batch) the unaugmented view, for the whitening images
     rng: Rng,
     flip_base: Vec<bool>,
@@ -252,11 +273,9 @@ pub struct Trainer<'a, B: Backend> {
 
 impl<'a, B: Backend> Trainer<'a, B> {
     pub fn new(b: &'a B, cfg: Config, train: &'a DeviceSplit<B>) -> Result<Trainer<'a, B>> {
-        if cfg.batch_size == 0 || train.len() < cfg.batch_size {
+        cfg.validate()?;
+        if train.len() < cfg.batch_size {
             bail!("the batch size ({}) must be between 1 and the number of training images ({})", cfg.batch_size, train.len());
-        }
-        if !(cfg.epochs > 0.0) {
-            bail!("--epochs must be positive (got {})", cfg.epochs);
         }
         let net = Net::new(b, cfg.widths, cfg.batch_size);
         let layout = &net.layout;
@@ -300,7 +319,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let mut sums = b.zeros(net.capacity * 144); // (capacity, 12, 12)
         for start in (0..n).step_by(net.capacity) {
             let count = net.capacity.min(n - start);
-            b.load_batch(&self.train.images, View { buf: &self.train.order, range: start..start + count }, View { buf: &self.identity, range: 0..count }, &mut net.x, &mut net.labels);
+            b.load_batch(
+                &self.train.images,
+                View { buf: &self.train.order, range: start..start + count },
+                View { buf: &self.identity, range: 0..count },
+                &mut net.x,
+                &mut net.labels,
+            );
             b.patch_moments(count, &net.x, &mut sums);
             for image in b.read(all(&sums, count * 144)).await.chunks_exact(144) {
                 moments.iter_mut().zip(image).for_each(|(m, &s)| *m += s as f64);
@@ -334,7 +359,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let (b, cfg, bs) = (self.b, &self.cfg, self.cfg.batch_size);
         let net = &mut self.net;
         let rows = batch * bs..(batch + 1) * bs;
-        b.load_batch(&self.train.images, View { buf: &self.order, range: rows.clone() }, View { buf: &self.crops, range: rows }, &mut net.x, &mut net.labels);
+        b.load_batch(
+            &self.train.images,
+            View { buf: &self.order, range: rows.clone() },
+            View { buf: &self.crops, range: rows },
+            &mut net.x,
+            &mut net.labels,
+        );
         net.forward(b, bs, BnMode::Train { momentum: cfg.bn_momentum, eps: cfg.bn_eps });
         b.cross_entropy(bs, cfg.label_smoothing, &net.logits, &net.labels, Some(&mut net.dlogits), &mut self.stats);
         let steps_per_epoch = cfg.steps_per_epoch(self.train.len());

@@ -97,7 +97,12 @@ fn one_training_step_matches_pytorch_float64() {
     let split = Split { pixels, labels };
     let data = DeviceSplit::new(&b, &split);
     // The reference's weight decay assumes batch 1024; ours scales it with the batch size.
-    let cfg = Config { widths: [16, 32, 32], batch_size: n, weight_decay: Config::default().weight_decay * 1024.0 / n as f64, ..Config::default() };
+    let cfg = Config {
+        widths: [16, 32, 32],
+        batch_size: n,
+        weight_decay: Config::default().weight_decay * 1024.0 / n as f64,
+        ..Config::default()
+    };
     let mut t = Trainer::new(&b, cfg, &data).unwrap();
     t.reset(0);
     let layout = t.layout().clone();
@@ -161,13 +166,13 @@ fn whitening_matches_pytorch_and_whitens() {
     b.patch_moments(5000, &load_identity(&b, &data), &mut moments);
     let cov: Vec<f64> = (0..144).map(|j| moments.chunks_exact(144).map(|m| m[j] as f64).sum::<f64>() / (5000.0 * 961.0)).collect();
     let w = |f: usize, j: usize| got[f * 12 + (j / 2 % 2 * 2 + j % 2) * 3 + j / 4] as f64; // (c, ky, kx) order
-    for i in 0..12 {
+    for (i, &lambda) in values.iter().enumerate() {
         for k in 0..12 {
             let wsw: f64 = (0..144).map(|ac| w(i, ac / 12) * cov[ac] * w(k, ac % 12)).sum();
-            let want = if i == k { values[i] / (values[i] + 5e-4) } else { 0.0 };
-            assert!((wsw - want).abs() < 1e-3, "whitened covariance [{i}][{k}] = {wsw}, expected {want}");
-            if i == k && values[i] > 100.0 * 5e-4 {
-                assert!(wsw > 0.99, "direction {i} (λ = {:.2e}) has variance {wsw} after whitening", values[i]);
+            let want = if i == k { lambda / (lambda + 5e-4) } else { 0.0 };
+            assert!((wsw - want).abs() < 1e-5, "whitened covariance [{i}][{k}] = {wsw}, expected {want}");
+            if i == k && lambda > 100.0 * 5e-4 {
+                assert!(wsw > 0.99, "direction {i} (λ = {lambda:.2e}) has variance {wsw} after whitening");
             }
         }
     }

@@ -212,7 +212,16 @@ pub trait Backend {
     // ---- head and loss ----
     /// `y (n, c_out) = scale · x (n, c_in) · wᵀ`, `w (c_out, c_in)`.
     #[allow(clippy::too_many_arguments)]
-    fn linear_forward(&self, n: usize, c_in: usize, c_out: usize, scale: f32, x: &Self::Tensor, w: View<Self::Tensor>, y: &mut Self::Tensor);
+    fn linear_forward(
+        &self,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        scale: f32,
+        x: &Self::Tensor,
+        w: View<Self::Tensor>,
+        y: &mut Self::Tensor,
+    );
     /// `dx = scale · dy · w` and `dw = scale · dyᵀ · x` (both overwritten).
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(

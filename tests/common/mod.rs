@@ -36,7 +36,8 @@ pub fn cifar_dir() -> PathBuf {
 
 /// PyTorch's float64 training step: `$SPEEDRUN_REFERENCE`, else `shared/reference/`.
 pub fn reference_file() -> PathBuf {
-    let path = std::env::var_os("SPEEDRUN_REFERENCE").map(PathBuf::from).unwrap_or_else(|| shared_dir().join("reference/reference.safetensors"));
+    let path =
+        std::env::var_os("SPEEDRUN_REFERENCE").map(PathBuf::from).unwrap_or_else(|| shared_dir().join("reference/reference.safetensors"));
     assert!(path.is_file(), "reference not found at {}: set SPEEDRUN_REFERENCE or SPEEDRUN_SHARED", path.display());
     path
 }

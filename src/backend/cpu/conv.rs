@@ -42,7 +42,17 @@ fn im2col(s: &ConvShape, x: &[f32], b0: usize, count: usize, col: &mut [f32]) {
 
 /// `C (m, n) = alpha·A (m, k)·B (k, n) + beta·C` with arbitrary strides for A and B.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(m: usize, k: usize, n: usize, a: &[f32], a_strides: (usize, usize), b: &[f32], b_strides: (usize, usize), beta: f32, c: &mut [f32]) {
+fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+) {
     let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| (rows - 1) * rs + (cols - 1) * cs;
     assert!(last(m, k, a_strides) < a.len() && last(k, n, b_strides) < b.len() && m * n <= c.len());
     // SAFETY: the asserts above keep every index of A, B and C inside its slice.

@@ -236,7 +236,15 @@ impl Backend for Cpu {
         }
     }
 
-    fn cross_entropy(&self, n: usize, smoothing: f32, logits: &Vec<f32>, labels: &Vec<u32>, mut dlogits: Option<&mut Vec<f32>>, stats: &mut Vec<f32>) {
+    fn cross_entropy(
+        &self,
+        n: usize,
+        smoothing: f32,
+        logits: &Vec<f32>,
+        labels: &Vec<u32>,
+        mut dlogits: Option<&mut Vec<f32>>,
+        stats: &mut Vec<f32>,
+    ) {
         let (mut loss, mut correct) = (0.0f64, 0usize);
         for (b, l) in logits.chunks_exact(CLASSES).take(n).enumerate() {
             let label = labels[b] as usize;

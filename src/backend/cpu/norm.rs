@@ -39,7 +39,7 @@ pub fn exp(x: f32) -> f32 {
     p = p.mul_add(r, 8.333_452e-3);
     p = p.mul_add(r, 4.166_579_6e-2);
     p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    p = p.mul_add(r, 0.5);
     let y = (p * r).mul_add(r, r) + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
@@ -266,4 +266,22 @@ pub fn pool_bn_gelu_backward(
         }
     });
     max_pool_backward(s, y, da, dy);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_erf_and_exp_match_libm() {
+        let (mut erf_err, mut exp_err) = (0.0f64, 0.0f64);
+        for i in -60_000..=60_000 {
+            let x = i as f32 * 1e-4;
+            erf_err = erf_err.max((erf(x) as f64 - libm::erf(x as f64)).abs());
+            let e = x * 14.0;
+            exp_err = exp_err.max(((exp(e) as f64 - (e as f64).exp()) / (e as f64).exp()).abs());
+        }
+        assert!(erf_err < 5e-7, "erf error {erf_err:e}");
+        assert!(exp_err < 5e-7, "exp relative error {exp_err:e}");
+    }
 }

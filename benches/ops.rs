@@ -1,0 +1,109 @@
+//! Per-op timings of one airbench94 training step at full width, and whole-step images/s:
+//! where the time of a step goes, per backend.
+//!
+//! `cargo bench --bench ops [-- --batch N --reps N]` (defaults: batch 256, 3 repetitions;
+//! each op is timed after one untimed warm-up call, synchronised before and after).
+
+use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Backend, BnMode, ConvShape, View, ViewMut};
+use speedrun::model::{layers, Layout, Net};
+use speedrun::rng::Rng;
+use std::time::Instant;
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("a number"))
+}
+
+/// Mean seconds per call of `f`, after one warm-up call.
+fn time<B: Backend>(b: &B, reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    block_on(b.sync());
+    let t = Instant::now();
+    for _ in 0..reps {
+        f();
+    }
+    block_on(b.sync());
+    t.elapsed().as_secs_f64() / reps as f64
+}
+
+fn random<B: Backend>(b: &B, len: usize, rng: &mut Rng) -> B::Tensor {
+    let mut t = b.zeros(len);
+    b.upload(all_mut(&mut t, len), &(0..len).map(|_| rng.symmetric(1.0)).collect::<Vec<_>>());
+    t
+}
+
+fn bench<B: Backend>(b: &B, n: usize, reps: usize) {
+    println!("backend {} on {}; batch {n}; {reps} reps", b.name(), b.device_name());
+    println!("{:<28} {:>10} {:>10}", "op", "ms", "GFLOP/s");
+    let mut rng = Rng::new(0);
+    let row = |name: &str, secs: f64, flops: f64| {
+        let gflops = if flops > 0.0 { format!("{:.1}", flops / secs / 1e9) } else { String::new() };
+        println!("{name:<28} {:>10.2} {gflops:>10}", secs * 1e3);
+    };
+    let widths = [64, 256, 256];
+    let mut total = 0.0;
+    for l in layers(widths) {
+        let s: ConvShape = l.conv_shape(n);
+        let flops = 2.0 * s.macs() as f64;
+        let x = random(b, n * s.h * s.w * s.c_in, &mut rng);
+        let w = random(b, s.c_out * 9 * s.c_in, &mut rng);
+        let mut y = random(b, n * s.out_h() * s.out_w() * s.c_out, &mut rng);
+        let mut dx = b.zeros(n * s.h * s.w * s.c_in);
+        let mut dw = b.zeros(w_len(&s));
+        let name = format!("block{}.conv{} {}→{} {}²", l.block, l.conv, s.c_in, s.c_out, s.h);
+        let f = time(b, reps, || b.conv_forward(s, &x, all(&w, w_len(&s)), &mut y));
+        let d = time(b, reps, || b.conv_backward_data(s, &y, all(&w, w_len(&s)), &mut dx));
+        let g = time(b, reps, || b.conv_backward_filter(s, &x, &y, all_mut(&mut dw, w_len(&s))));
+        row(&format!("{name} fwd"), f, flops);
+        row(&format!("{name} dgrad"), d, flops);
+        row(&format!("{name} wgrad"), g, flops);
+        let bs = l.bn_shape(n);
+        let out = n * l.out_side().pow(2) * l.c_out;
+        let (beta, mut running) = (random(b, l.c_out, &mut rng), random(b, 2 * l.c_out, &mut rng));
+        let (mut z, mut a, mut saved) = (b.zeros(out), b.zeros(out), b.zeros(2 * l.c_out));
+        let (mut da, mut dbeta, mut dy) = (random(b, out, &mut rng), b.zeros(l.c_out), b.zeros(n * s.out_h() * s.out_w() * s.c_out));
+        let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
+        let bf = time(b, reps, || {
+            b.pool_bn_gelu_forward(bs, mode, &y, all(&beta, l.c_out), all_mut(&mut running, 2 * l.c_out), &mut z, &mut a, &mut saved)
+        });
+        let bb = time(b, reps, || {
+            b.pool_bn_gelu_backward(bs, &y, &z, &saved, all(&beta, l.c_out), &mut da, &mut dy, all_mut(&mut dbeta, l.c_out))
+        });
+        row(&format!("block{}.norm{} pool{} fwd", l.block, l.conv, l.pool), bf, 0.0);
+        row(&format!("block{}.norm{} pool{} bwd", l.block, l.conv, l.pool), bb, 0.0);
+        total += f + d + g + bf + bb;
+    }
+    row("sum of the ops above", total, 0.0);
+    step(b, n, reps);
+}
+
+fn w_len(s: &ConvShape) -> usize {
+    s.c_out * s.k * s.k * s.c_in
+}
+
+/// A whole forward + backward + SGD step on random data, as the trainer runs it.
+fn step<B: Backend>(b: &B, n: usize, reps: usize) {
+    let mut net = Net::new(b, [64, 256, 256], n);
+    let layout = Layout::new([64, 256, 256]);
+    let (params, running) = layout.init(&mut Rng::new(1));
+    net.set_state(b, &params, &running);
+    let mut rng = Rng::new(2);
+    let x: Vec<f32> = (0..n * 3072).map(|_| rng.symmetric(1.0)).collect();
+    b.upload(all_mut(&mut net.x, n * 3072), &x);
+    let mut stats = b.zeros(2);
+    let mut momentum = b.zeros(layout.trainable);
+    let secs = time(b, reps, || {
+        net.forward(b, n, BnMode::Train { momentum: 0.6, eps: 1e-12 });
+        b.cross_entropy(n, 0.2, &net.logits, &net.labels, Some(&mut net.dlogits), &mut stats);
+        net.backward(b, n, false);
+        let range = 0..layout.trainable;
+        let (p, g) = (ViewMut { buf: &mut net.params, range: range.clone() }, View { buf: &net.grads, range: range.clone() });
+        b.sgd_step(p, g, ViewMut { buf: &mut momentum, range }, 1e-4, 0.0, 0.85);
+    });
+    println!("whole training step: {:.1} ms, {:.0} images/s", secs * 1e3, n as f64 / secs);
+}
+
+fn main() {
+    let (n, reps) = (arg("--batch", 256), arg("--reps", 3));
+    bench(&Cpu::new(), n, reps);
+}

@@ -1,0 +1,148 @@
+//! The `speedrun` binary end to end: a reduced run on real data, its checkpoint through
+//! `eval` and `predict`, and clean errors (exit code 1, no panic) for bad input.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn speedrun(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_speedrun"));
+    cmd.args(args).env_remove("SPEEDRUN_DATA");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run speedrun")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+}
+
+/// Asserts a clean failure: exit code `code`, `needle` in stderr, no panic.
+fn fails_with(o: &Output, code: i32, needle: &str) {
+    let (out, err) = text(o);
+    assert_eq!(o.status.code(), Some(code), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(err.contains(needle), "expected {needle:?} in stderr:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn reduced_run_on_real_data_then_eval_and_predict() {
+    let data = common::cifar_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let (json, ckpt) = (tmp.path().join("runs.jsonl"), tmp.path().join("net.safetensors"));
+    let args = [
+        "train",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--widths",
+        "32,64,64",
+        "--train-limit",
+        "10000",
+        "--test-limit",
+        "2000",
+        "--epochs",
+        "2",
+    ];
+    let o = speedrun(&[&args[..], &["--json", json.to_str().unwrap(), "--save", ckpt.to_str().unwrap()]].concat(), &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains(" run  epoch  train_loss  train_acc  val_acc  tta_acc   time_s"), "{out}");
+    let line = std::fs::read_to_string(&json).unwrap();
+    let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    for key in [
+        "backend",
+        "device",
+        "seed",
+        "epochs",
+        "batch_size",
+        "widths",
+        "train_images",
+        "test_images",
+        "accuracy",
+        "tta_accuracy",
+        "time_seconds",
+        "steps",
+    ] {
+        assert!(r.get(key).is_some(), "JSON lacks {key}: {line}");
+    }
+    assert_eq!((r["train_images"].as_u64(), r["test_images"].as_u64(), r["steps"].as_u64()), (Some(10_000), Some(2000), Some(18)));
+    // 18 steps of a 32/64/64 net: well above the 10% of chance (measured: 0.39).
+    let tta = r["tta_accuracy"].as_f64().unwrap();
+    assert!(tta > 0.30, "TTA accuracy {tta} after the reduced run");
+    // The checkpoint evaluates to the same TTA accuracy.
+    let o = speedrun(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data-dir", data.to_str().unwrap(), "--test-limit", "2000"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(out.contains(&format!("{:.2}%", 100.0 * tta)), "eval printed {out}, the run measured {tta}");
+    // predict: one test image written as a PNG.
+    let test = speedrun::data::load_test(&data, Some(1)).unwrap();
+    let png = tmp.path().join("img.png");
+    image::RgbImage::from_raw(32, 32, test.pixels).unwrap().save(&png).unwrap();
+    let o = speedrun(&["predict", "--checkpoint", ckpt.to_str().unwrap(), png.to_str().unwrap()], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let classes = speedrun::data::CLASS_NAMES.iter().filter(|c| out.contains(&format!("{c} "))).count();
+    assert!(out.starts_with(png.to_str().unwrap()) && classes == 3 && out.contains('%'), "{out}");
+}
+
+/// A data folder with a valid `data_batch_1.bin` (enough for `--train-limit`) and a test
+/// file made by `test`.
+fn small_data(dir: &Path, test: impl Fn(&mut Vec<u8>)) {
+    let mut batch = vec![0u8; 3073 * 10_000];
+    for (i, rec) in batch.chunks_exact_mut(3073).enumerate() {
+        rec[0] = (i % 10) as u8;
+        rec[1..].iter_mut().enumerate().for_each(|(j, p)| *p = ((i * 31 + j * 7) % 256) as u8);
+    }
+    std::fs::write(dir.join("data_batch_1.bin"), &batch).unwrap();
+    test(&mut batch);
+    std::fs::write(dir.join("test_batch.bin"), &batch).unwrap();
+}
+
+const TINY: [&str; 8] = ["--train-limit", "64", "--test-limit", "32", "--widths", "8,8,8", "--epochs", "1"];
+
+#[test]
+fn bad_data_is_a_clean_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    // Missing data and no way to download it (a closed local port stands for no internet).
+    let empty = tmp.path().join("empty");
+    let o =
+        speedrun(&["train", "--data-dir", empty.to_str().unwrap()], &[("SPEEDRUN_CIFAR_URL", "http://127.0.0.1:9/cifar-10-binary.tar.gz")]);
+    fails_with(&o, 1, "cannot download");
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0, "nothing half-written");
+    let o = speedrun(&["eval", "--checkpoint", "x.safetensors", "--data-dir", empty.to_str().unwrap()], &[]);
+    fails_with(&o, 1, "speedrun download");
+    // A truncated file.
+    small_data(tmp.path(), |b| b.truncate(b.len() - 100));
+    fails_with(
+        &speedrun(&[&["train", "--data-dir", dir, "--batch-size", "32"][..], &TINY].concat(), &[]),
+        1,
+        "test_batch.bin is 30729900 bytes",
+    );
+    // A label out of range.
+    small_data(tmp.path(), |b| b[3073 * 17] = 10);
+    fails_with(&speedrun(&[&["train", "--data-dir", dir, "--batch-size", "32"][..], &TINY].concat(), &[]), 1, "record 17 has label 10");
+}
+
+#[test]
+fn bad_flags_and_paths_are_clean_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    small_data(tmp.path(), |_| {});
+    fails_with(&speedrun(&["train", "--widths", "1,2"], &[]), 2, "three positive widths");
+    fails_with(&speedrun(&["train", "--backend", "wgpu"], &[]), 1, "available backends: cpu");
+    fails_with(&speedrun(&["train", "--backend", "tpu"], &[]), 2, "possible values: cpu, wgpu, cuda");
+    fails_with(&speedrun(&["train", "--data-dir", dir, "--epochs", "0"], &[]), 1, "--epochs must be positive");
+    fails_with(&speedrun(&[&["train", "--data-dir", dir, "--batch-size", "100"][..], &TINY].concat(), &[]), 1, "batch size (100)");
+    // The run works on this data; saving into a missing folder fails cleanly, leaving nothing.
+    let missing = tmp.path().join("no/such/net.safetensors");
+    let o =
+        speedrun(&[&["train", "--data-dir", dir, "--batch-size", "32"][..], &TINY, &["--save", missing.to_str().unwrap()]].concat(), &[]);
+    fails_with(&o, 1, "cannot write checkpoint");
+    assert!(!tmp.path().join("no").exists());
+    let not_image = tmp.path().join("data_batch_1.bin");
+    fails_with(&speedrun(&["predict", "--checkpoint", "missing.safetensors", not_image.to_str().unwrap()], &[]), 1, "cannot read image");
+    fails_with(&speedrun(&["eval", "--checkpoint", not_image.to_str().unwrap(), "--data-dir", dir], &[]), 1, "not a speedrun checkpoint");
+}
