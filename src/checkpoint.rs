@@ -17,6 +17,7 @@ use crate::model::{Layout, Slot};
 use anyhow::{bail, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
 
 const FORMAT: &str = "speedrun-airbench94";
@@ -68,8 +69,13 @@ pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra
     meta.insert("widths".into(), layout.widths.map(|w| w.to_string()).join(","));
     let bytes = safetensors::serialize(views, Some(meta))?;
     let tmp = path.with_extension("safetensors.tmp");
-    let written = std::fs::write(&tmp, bytes).and_then(|_| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?; // on disk before the rename makes it visible
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("cannot write checkpoint {} (is the disk full or the folder missing?)", path.display()));
     }
@@ -100,7 +106,13 @@ pub fn load(path: &Path) -> Result<Loaded> {
         .collect::<Result<_, _>>()
         .with_context(bad)?;
     let widths: [usize; 3] = widths.try_into().map_err(|_| anyhow::anyhow!(bad()))?;
+    if widths.contains(&0) {
+        bail!(bad());
+    }
     let layout = Layout::new(widths);
+    if (layout.params_len() + layout.running_len) * 4 > bytes.len() {
+        bail!("{}: widths {widths:?} need more data than the file holds; {}", path.display(), bad());
+    }
     let st = SafeTensors::deserialize(&bytes).with_context(bad)?;
     let read = |slots: &[Slot], len: usize| -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
@@ -154,6 +166,11 @@ mod tests {
         assert_eq!((at(5, 5, 1, 1), at(5, 4, 1, 1), at(5, 5, 0, 1)), (1.0, 0.0, 0.0));
         assert_eq!(st.tensor("block3.norm2.weight").unwrap().shape(), &[16]);
         assert!(std::fs::read_dir(tmp.path()).unwrap().count() == 1, "no temp file left behind");
+        for widths in ["0,0,0", "100000,100000,100000"] {
+            let meta = HashMap::from([("format".to_string(), FORMAT.to_string()), ("widths".to_string(), widths.to_string())]);
+            std::fs::write(&path, safetensors::serialize(Vec::<(String, TensorView)>::new(), Some(meta)).unwrap()).unwrap();
+            assert!(load(&path).unwrap_err().to_string().contains("not a speedrun checkpoint"), "widths {widths}");
+        }
         std::fs::write(&path, b"not a checkpoint").unwrap();
         assert!(load(&path).unwrap_err().to_string().contains("not a speedrun checkpoint"));
     }

@@ -46,20 +46,25 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
     dirs::cache_dir().unwrap_or_else(|| PathBuf::from(".")).join("speedrun").join("cifar10")
 }
 
-/// The folder holding the `.bin` files: `dir` itself or its `cifar-10-batches-bin/`.
+/// The folder holding the `.bin` files: `dir` itself or its `cifar-10-batches-bin/`,
+/// preferring one that holds all six files at their exact sizes.
 pub fn batches_dir(dir: &Path) -> Option<PathBuf> {
-    [dir.to_path_buf(), dir.join(ARCHIVE_FOLDER)].into_iter().find(|d| d.join(TEST_FILE).is_file() || d.join(TRAIN_FILES[0]).is_file())
+    let candidates = [dir.to_path_buf(), dir.join(ARCHIVE_FOLDER)];
+    let has_any = |d: &&PathBuf| d.join(TEST_FILE).is_file() || d.join(TRAIN_FILES[0]).is_file();
+    candidates.iter().find(|d| all_files_sized(d)).or_else(|| candidates.iter().find(has_any)).cloned()
+}
+
+fn all_files_sized(d: &Path) -> bool {
+    TRAIN_FILES
+        .iter()
+        .chain([&TEST_FILE])
+        .all(|f| std::fs::metadata(d.join(f)).is_ok_and(|m| m.len() == (RECORD * RECORDS_PER_FILE) as u64))
 }
 
 /// Whether `dir` holds all six files at their exact sizes (a cheap check; `load` also
 /// validates the labels).
 pub fn is_complete(dir: &Path) -> bool {
-    batches_dir(dir).is_some_and(|d| {
-        TRAIN_FILES
-            .iter()
-            .chain([&TEST_FILE])
-            .all(|f| std::fs::metadata(d.join(f)).is_ok_and(|m| m.len() == (RECORD * RECORDS_PER_FILE) as u64))
-    })
+    batches_dir(dir).is_some_and(|d| all_files_sized(&d))
 }
 
 fn fix_hint(dir: &Path) -> String {

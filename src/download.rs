@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use md5::{Digest, Md5};
 use std::io::{Read, Write};
 use std::path::Path;
+use std::time::Duration;
 
 /// Where to fetch the archive from, and what it must hash to.
 pub struct Source {
@@ -76,7 +77,13 @@ fn fetch_verify_extract(dir: &Path, source: &Source, progress: bool) -> Result<(
 
 /// Streams `source.url` into `part`, returning the hex MD5 of what was received.
 fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
-    let response = ureq::get(&source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
+    // A stalled connection fails instead of hanging; a slow but live one may take its time.
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_connect(Some(Duration::from_secs(30)))
+        .timeout_per_read(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let response = agent.get(&source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
     let total = response.body().content_length().or(source.size);
     let mut reader = response.into_body().into_reader();
     let mut file = std::io::BufWriter::new(std::fs::File::create(part).with_context(|| format!("cannot write {}", part.display()))?);
@@ -171,9 +178,14 @@ mod tests {
         let dir = tmp.path().join("cifar");
         let url = serve_once(bytes.clone(), bytes.len());
         let source = Source { url, md5, size: Some(bytes.len() as u64) };
+        // A truncated file left at the top of the folder does not shadow the download.
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(data::TEST_FILE), [1u8; 100]).unwrap();
         assert!(ensure(&dir, &source, false).unwrap());
         assert!(data::is_complete(&dir));
-        assert_eq!(leftovers(&dir), vec![ARCHIVE_FOLDER.to_string()]);
+        let mut left = leftovers(&dir);
+        left.sort();
+        assert_eq!(left, vec![ARCHIVE_FOLDER.to_string(), data::TEST_FILE.to_string()]);
         assert_eq!(data::load_test(&dir, None).unwrap().len(), 10_000);
         // Already present: nothing is fetched (no server is listening any more).
         assert!(!ensure(&dir, &source, false).unwrap());

@@ -139,6 +139,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval { checkpoint, tta, data_dir, test_limit, backend } => {
             let b = pick_backend(backend)?;
             let test = data::load_test(&data::resolve_dir(data_dir.as_deref()), test_limit)?;
+            if test.is_empty() {
+                bail!("--test-limit must be at least 1");
+            }
             let logits = predict_logits(&b, &checkpoint, &test, tta as usize)?;
             let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| train::argmax(l) == y as usize).count();
             println!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
@@ -194,6 +197,9 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     let cfg =
         Config { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, widths: args.widths, seed: args.seed, ..Config::default() };
     cfg.validate()?;
+    if let Some(path) = &args.save {
+        check_writable(path)?; // before a run that may take an hour, not after it
+    }
     let dir = data::resolve_dir(args.data_dir.as_deref());
     if data::batches_dir(&dir).is_none() {
         download::ensure(&dir, &download::official(), true)?;
@@ -230,12 +236,16 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     );
     println!("{HEADER}");
     let live = std::io::stderr().is_terminal();
+    let mut last_print = std::time::Instant::now();
     let mut results: Vec<RunResult> = Vec::new();
     for run in 1..=args.runs {
         let seed = args.seed + run as u64 - 1;
         trainer.reset(seed);
         let mut on = |event: Event| match event {
-            Event::Step { epoch, step, steps } if live => eprint!("\r{run:>4}  {epoch:>5}  step {step}/{steps}   "),
+            Event::Step { epoch, step, steps } if live && last_print.elapsed().as_secs_f64() > 0.25 => {
+                last_print = std::time::Instant::now();
+                eprint!("\r{run:>4}  {epoch:>5}  step {step}/{steps}   ");
+            }
             Event::Step { .. } => {}
             Event::Epoch(e) => {
                 if live {
@@ -277,6 +287,15 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     if results.len() > 1 {
         print_summary(&results, args.target);
     }
+    Ok(())
+}
+
+/// Fails unless a file can be created beside `path` (its folder exists and is writable).
+fn check_writable(path: &Path) -> Result<()> {
+    let probe = path.with_extension("safetensors.tmp");
+    std::fs::File::create(&probe)
+        .with_context(|| format!("cannot write checkpoint {} (does its folder exist, is it writable?)", path.display()))?;
+    std::fs::remove_file(&probe).ok();
     Ok(())
 }
 

@@ -92,6 +92,12 @@ impl Config {
         if !(self.lr > 0.0 && self.lr.is_finite()) {
             bail!("--lr must be positive (got {})", self.lr);
         }
+        if !(0..=3).contains(&self.translate) {
+            bail!("translate must be 0..3 pixels (got {})", self.translate);
+        }
+        if self.whiten_images == 0 {
+            bail!("the whitening needs at least one image");
+        }
         Ok(())
     }
 
@@ -124,16 +130,18 @@ impl Config {
         }
     }
 
-    /// Lookahead decay after `t` steps (1-based) of `total`: None when no update is due.
-    /// The final step resets the net to the average (decay 1).
-    pub fn lookahead_decay(&self, t: usize, total: usize) -> Option<f64> {
-        if t == total {
-            Some(1.0)
-        } else if t.is_multiple_of(self.lookahead_every) {
-            Some(self.ema_base.powi(self.lookahead_every as i32) * (t as f64 / total as f64).powi(3))
-        } else {
-            None
+    /// Lookahead decays due after `t` steps (1-based) of `total`, in order: the periodic
+    /// update every `lookahead_every` steps, then at the last step a reset of the net to
+    /// the average (decay 1), which discards the last steps since the previous update.
+    pub fn lookahead_decays(&self, t: usize, total: usize) -> Vec<f64> {
+        let mut decays = Vec::new();
+        if t.is_multiple_of(self.lookahead_every) {
+            decays.push(self.ema_base.powi(self.lookahead_every as i32) * (t as f64 / total as f64).powi(3));
         }
+        if t == total {
+            decays.push(1.0);
+        }
+        decays
     }
 }
 
@@ -199,6 +207,9 @@ impl<B: Backend> Evaluator<B> {
     /// Logits `(n, 10)` of every image of `data`, read back to the host.
     pub async fn logits(&mut self, b: &B, net: &mut Net<B>, data: &DeviceSplit<B>, eps: f32) -> Vec<f32> {
         let n = data.len();
+        if n == 0 {
+            return Vec::new();
+        }
         b.fill(all_mut(&mut self.logits, n * CLASSES), 0.0);
         for start in (0..n).step_by(net.capacity) {
             let count = net.capacity.min(n - start);
@@ -265,6 +276,7 @@ pub struct Trainer<'a, B: Backend> {
     crops: B::Index,    // (n_train) this epoch's packed crops, in shuffled order
     stats: B::Tensor,   // (2) this epoch's summed loss and correct count
     identity: B::Index, // (batch) the unaugmented view, for the whitening images
+    moments: B::Tensor, // (whiten_images, 12, 12) per-image patch moments
     rng: Rng,
     flip_base: Vec<bool>,
     pub step: usize,
@@ -287,6 +299,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             crops: b.index_zeros(train.len()),
             stats: b.zeros(2),
             identity: constant_crops(b, Crop::IDENTITY, cfg.batch_size),
+            moments: b.zeros(cfg.whiten_images.min(train.len()) * 144),
             rng: Rng::new(cfg.seed),
             flip_base: Vec::new(),
             step: 0,
@@ -315,21 +328,16 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub async fn init_whitening(&mut self) -> Vec<f64> {
         let (b, net) = (self.b, &mut self.net);
         let n = self.cfg.whiten_images.min(self.train.len());
-        let mut moments = vec![0.0f64; 144];
-        let mut sums = b.zeros(net.capacity * 144); // (capacity, 12, 12)
         for start in (0..n).step_by(net.capacity) {
             let count = net.capacity.min(n - start);
-            b.load_batch(
-                &self.train.images,
-                View { buf: &self.train.order, range: start..start + count },
-                View { buf: &self.identity, range: 0..count },
-                &mut net.x,
-                &mut net.labels,
-            );
-            b.patch_moments(count, &net.x, &mut sums);
-            for image in b.read(all(&sums, count * 144)).await.chunks_exact(144) {
-                moments.iter_mut().zip(image).for_each(|(m, &s)| *m += s as f64);
-            }
+            let index = View { buf: &self.train.order, range: start..start + count };
+            b.load_batch(&self.train.images, index, View { buf: &self.identity, range: 0..count }, &mut net.x, &mut net.labels);
+            b.patch_moments(count, &net.x, ViewMut { buf: &mut self.moments, range: start * 144..(start + count) * 144 });
+        }
+        // Per-image sums, added in f64 on the host: the smallest eigenvalues are ~1e-4.
+        let mut moments = vec![0.0f64; 144];
+        for image in b.read(all(&self.moments, n * 144)).await.chunks_exact(144) {
+            moments.iter_mut().zip(image).for_each(|(m, &s)| *m += s as f64);
         }
         let (weights, eigenvalues) = whitening_filters(&moments, (n * 31 * 31) as f64, self.cfg.whiten_eps);
         let range = net.layout.param("whiten.weight");
@@ -383,7 +391,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             b.sgd_step(p, g, m, (group.lr * mult) as f32, group.weight_decay as f32, momentum);
         }
         self.step += 1;
-        if let Some(decay) = cfg.lookahead_decay(self.step, self.total_steps) {
+        for decay in cfg.lookahead_decays(self.step, self.total_steps) {
             b.lookahead(decay as f32, all_mut(&mut self.ema_params, layout.params_len()), all_mut(&mut net.params, layout.params_len()));
             b.lookahead(decay as f32, all_mut(&mut self.ema_running, layout.running_len), all_mut(&mut net.running, layout.running_len));
         }
@@ -464,6 +472,7 @@ pub async fn run<B: Backend>(
     b.sync().await;
     clock.start();
     t.init_whitening().await;
+    b.sync().await;
     let whiten_seconds = clock.stop();
     let (mut train_seconds, mut last) = (0.0, None);
     clock.start();

@@ -145,4 +145,9 @@ fn bad_flags_and_paths_are_clean_errors() {
     let not_image = tmp.path().join("data_batch_1.bin");
     fails_with(&speedrun(&["predict", "--checkpoint", "missing.safetensors", not_image.to_str().unwrap()], &[]), 1, "cannot read image");
     fails_with(&speedrun(&["eval", "--checkpoint", not_image.to_str().unwrap(), "--data-dir", dir], &[]), 1, "not a speedrun checkpoint");
+    fails_with(
+        &speedrun(&["eval", "--checkpoint", "x", "--data-dir", dir, "--test-limit", "0"], &[]),
+        1,
+        "--test-limit must be at least 1",
+    );
 }

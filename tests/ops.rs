@@ -280,7 +280,7 @@ pub fn patch_moments<B: Backend>(b: &B) {
     let n = 2;
     let x = random(n * 3072, 16);
     let mut out = b.zeros(n * 144);
-    b.patch_moments(n, &upload(b, &x), &mut out);
+    b.patch_moments(n, &upload(b, &x), all_mut(&mut out, n * 144));
     let mut want = vec![0.0f64; n * 144];
     for (bi, y, xx) in (0..n).flat_map(|bi| (0..31).flat_map(move |y| (0..31).map(move |xx| (bi, y, xx)))) {
         // (c, ky, kx) order

@@ -6,7 +6,7 @@ mod common;
 
 use common::{cifar_dir, reference_file, rel_error};
 use safetensors::{Dtype, SafeTensors};
-use speedrun::backend::{all, block_on, cpu::Cpu, Backend, Crop};
+use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Backend, Crop};
 use speedrun::checkpoint::{permute, torch_shape};
 use speedrun::data::Split;
 use speedrun::model::Layout;
@@ -72,10 +72,12 @@ fn check(what: &str, got: &[f32], want: &[f64]) {
 /// Conv weight gradients at this init are ill-conditioned: the dirac (identity) convs carry
 /// the whitened pixels through every block, so many max-pool windows hold values equal to
 /// within f32 rounding, and f32 and f64 may route a window's gradient to different pixels.
-/// Measured with our own code: perturbing the input by 1e-6 (relative) moves these
-/// gradients by up to 8e-3 (max relative) while BN-bias and head gradients move by 3e-6.
-/// So they are compared in relative Frobenius norm; the op itself is checked exactly in
-/// `tests/ops.rs`, and the step's parameters below still match to `TOLERANCE`.
+/// Measured: perturbing our input by 1e-6 (relative) moves these gradients by up to 8e-3
+/// (max relative) while BN-bias and head gradients move by 3e-6; and PyTorch's own float32
+/// run of this step (same initial state) differs from its float64 run by up to 1.8e-3 max /
+/// 6.7e-4 Frobenius (relative) in `grad.block1.conv1.weight`. So they are compared in relative
+/// Frobenius norm; the op itself is checked exactly in `tests/ops.rs`, and the parameters
+/// after the step still match to `TOLERANCE`.
 const CONV_GRAD_TOLERANCE: f64 = 5e-3;
 
 fn check_conv_grad(what: &str, got: &[f32], want: &[f64]) {
@@ -163,7 +165,7 @@ fn whitening_matches_pytorch_and_whitens() {
     }
     // W Σ Wᵀ = diag(λ/(λ+eps)): ≈ identity along directions with λ ≫ eps, uncorrelated.
     let mut moments = vec![0.0f32; 5000 * 144];
-    b.patch_moments(5000, &load_identity(&b, &data), &mut moments);
+    b.patch_moments(5000, &load_identity(&b, &data), all_mut(&mut moments, 5000 * 144));
     let cov: Vec<f64> = (0..144).map(|j| moments.chunks_exact(144).map(|m| m[j] as f64).sum::<f64>() / (5000.0 * 961.0)).collect();
     let w = |f: usize, j: usize| got[f * 12 + (j / 2 % 2 * 2 + j % 2) * 3 + j / 4] as f64; // (c, ky, kx) order
     for (i, &lambda) in values.iter().enumerate() {

@@ -33,14 +33,17 @@ fn schedule_and_step_counts_match_the_recipe() {
 #[test]
 fn lookahead_decays_and_final_revert() {
     let cfg = Config::default();
-    assert_eq!(cfg.lookahead_decay(4, 476), None);
-    let d5 = cfg.lookahead_decay(5, 476).unwrap();
+    assert!(cfg.lookahead_decays(4, 476).is_empty());
+    let d5 = cfg.lookahead_decays(5, 476)[0];
     assert!((d5 - 0.95f64.powi(5) * (5.0f64 / 476.0).powi(3)).abs() < 1e-15);
     assert!(d5 < 1e-5, "negligible at the start");
-    let d475 = cfg.lookahead_decay(475, 476).unwrap();
+    let d475 = cfg.lookahead_decays(475, 476)[0];
     assert!((d475 - 0.95f64.powi(5) * (475.0f64 / 476.0).powi(3)).abs() < 1e-15 && d475 < 0.774, "{d475}");
     // Step 476 is not a multiple of 5, yet resets the net to the average (decay 1).
-    assert_eq!(cfg.lookahead_decay(476, 476), Some(1.0));
+    assert_eq!(cfg.lookahead_decays(476, 476), vec![1.0]);
+    // A last step that is a multiple of 5 gets the periodic update, then the reset.
+    let last = cfg.lookahead_decays(480, 480);
+    assert!(last.len() == 2 && (last[0] - 0.95f64.powi(5)).abs() < 1e-15 && last[1] == 1.0, "{last:?}");
 }
 
 #[test]

@@ -160,7 +160,7 @@ pub trait Backend {
     /// `p pᵀ`, each patch flattened in PyTorch's `(c, ky, kx)` order, into `out (n, 12, 12)`.
     /// Per image, so the host can add them in f64: the smallest eigenvalues are ~1e-4 of
     /// the largest, too small for one f32 sum over all images.
-    fn patch_moments(&self, n: usize, x: &Self::Tensor, out: &mut Self::Tensor);
+    fn patch_moments(&self, n: usize, x: &Self::Tensor, out: ViewMut<Self::Tensor>);
 
     // ---- convolution (no bias) ----
     /// `y (n, oh, ow, c_out) = conv(x (n, h, w, c_in), w (c_out, k, k, c_in))`.

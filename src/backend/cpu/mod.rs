@@ -124,24 +124,26 @@ impl Backend for Cpu {
         }
     }
 
-    fn patch_moments(&self, n: usize, x: &Vec<f32>, out: &mut Vec<f32>) {
+    fn patch_moments(&self, n: usize, x: &Vec<f32>, mut out: ViewMut<Vec<f32>>) {
         let image_len = SIDE * SIDE * CHANNELS;
-        out[..n * PATCH * PATCH].par_chunks_mut(PATCH * PATCH).zip(x[..n * image_len].par_chunks(image_len)).for_each(|(acc, img)| {
-            let mut sums = [0.0f64; PATCH * PATCH];
-            let mut p = [0.0f64; PATCH];
-            for y in 0..SIDE - 1 {
-                for xx in 0..SIDE - 1 {
-                    for (j, v) in p.iter_mut().enumerate() {
-                        let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch's (c, ky, kx) order
-                        *v = img[((y + ky) * SIDE + xx + kx) * CHANNELS + c] as f64;
-                    }
-                    for (row, &pi) in sums.chunks_exact_mut(PATCH).zip(&p) {
-                        row.iter_mut().zip(&p).for_each(|(a, &pj)| *a += pi * pj);
+        window_mut(&mut out)[..n * PATCH * PATCH].par_chunks_mut(PATCH * PATCH).zip(x[..n * image_len].par_chunks(image_len)).for_each(
+            |(acc, img)| {
+                let mut sums = [0.0f64; PATCH * PATCH];
+                let mut p = [0.0f64; PATCH];
+                for y in 0..SIDE - 1 {
+                    for xx in 0..SIDE - 1 {
+                        for (j, v) in p.iter_mut().enumerate() {
+                            let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch's (c, ky, kx) order
+                            *v = img[((y + ky) * SIDE + xx + kx) * CHANNELS + c] as f64;
+                        }
+                        for (row, &pi) in sums.chunks_exact_mut(PATCH).zip(&p) {
+                            row.iter_mut().zip(&p).for_each(|(a, &pj)| *a += pi * pj);
+                        }
                     }
                 }
-            }
-            acc.iter_mut().zip(sums).for_each(|(a, s)| *a = s as f32);
-        });
+                acc.iter_mut().zip(sums).for_each(|(a, s)| *a = s as f32);
+            },
+        );
     }
 
     fn conv_forward(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
