@@ -1,8 +1,9 @@
 //! Per-op timings of one airbench94 training step at full width, and whole-step images/s:
 //! where the time of a step goes, per backend.
 //!
-//! `cargo bench --bench ops [-- --batch N --reps N]` (defaults: batch 256, 3 repetitions;
-//! each op is timed after one untimed warm-up call, synchronised before and after).
+//! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --w1 64 --w2 256 --w3 256]` (defaults: batch
+//! 64, 3 repetitions, every backend; each op is timed after one untimed warm-up call,
+//! synchronised before and after).
 
 use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Backend, BnMode, ConvShape, View, ViewMut};
 use speedrun::model::{layers, Layout, Net};
@@ -32,7 +33,7 @@ fn random<B: Backend>(b: &B, len: usize, rng: &mut Rng) -> B::Tensor {
     t
 }
 
-fn bench<B: Backend>(b: &B, n: usize, reps: usize) {
+fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
     println!("backend {} on {}; batch {n}; {reps} reps", b.name(), b.device_name());
     println!("{:<28} {:>10} {:>10}", "op", "ms", "GFLOP/s");
     let mut rng = Rng::new(0);
@@ -40,7 +41,6 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize) {
         let gflops = if flops > 0.0 { format!("{:.1}", flops / secs / 1e9) } else { String::new() };
         println!("{name:<28} {:>10.2} {gflops:>10}", secs * 1e3);
     };
-    let widths = [64, 256, 256];
     let mut total = 0.0;
     for l in layers(widths) {
         let s: ConvShape = l.conv_shape(n);
@@ -74,7 +74,7 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize) {
         total += f + d + g + bf + bb;
     }
     row("sum of the ops above", total, 0.0);
-    step(b, n, reps);
+    step(b, n, reps, widths);
 }
 
 fn w_len(s: &ConvShape) -> usize {
@@ -82,9 +82,9 @@ fn w_len(s: &ConvShape) -> usize {
 }
 
 /// A whole forward + backward + SGD step on random data, as the trainer runs it.
-fn step<B: Backend>(b: &B, n: usize, reps: usize) {
-    let mut net = Net::new(b, [64, 256, 256], n);
-    let layout = Layout::new([64, 256, 256]);
+fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
+    let mut net = Net::new(b, widths, n).expect("buffers fit");
+    let layout = Layout::new(widths);
     let (params, running) = layout.init(&mut Rng::new(1));
     net.set_state(b, &params, &running);
     let mut rng = Rng::new(2);
@@ -104,6 +104,18 @@ fn step<B: Backend>(b: &B, n: usize, reps: usize) {
 }
 
 fn main() {
-    let (n, reps) = (arg("--batch", 256), arg("--reps", 3));
-    bench(&Cpu::new(), n, reps);
+    let (n, reps) = (arg("--batch", 64), arg("--reps", 3));
+    let widths = [arg("--w1", 64), arg("--w2", 256), arg("--w3", 256)];
+    let args: Vec<String> = std::env::args().collect();
+    let which = args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)).map_or("all", |s| s.as_str()).to_string();
+    if which == "cpu" || which == "all" {
+        bench(&Cpu::new(), n, reps, widths);
+    }
+    #[cfg(feature = "wgpu")]
+    if which == "wgpu" || which == "all" {
+        match block_on(speedrun::backend::wgpu::Wgpu::new()) {
+            Ok(gpu) => bench(&gpu, n, reps, widths),
+            Err(e) => println!("wgpu: skipped ({e:#})"),
+        }
+    }
 }

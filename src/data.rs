@@ -34,6 +34,7 @@ impl Split {
     }
 }
 
+#[cfg(not(target_arch = "wasm32"))]
 /// The data folder: `--data-dir`, else `$SPEEDRUN_DATA`, else the per-user cache
 /// (`~/.cache/speedrun/cifar10` on Linux, the platform's cache folder elsewhere).
 pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {

@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod data;
+#[cfg(not(target_arch = "wasm32"))]
 pub mod download;
 pub mod linalg;
 pub mod model;

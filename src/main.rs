@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+#[cfg(feature = "wgpu")]
+use speedrun::backend::wgpu::{self as webgpu, Wgpu};
 use speedrun::backend::{block_on, cpu::Cpu, Backend};
 use speedrun::data::{self, Split, CLASS_NAMES};
 use speedrun::model::Net;
@@ -47,6 +49,8 @@ enum Command {
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
     },
+    /// List the devices each backend can use.
+    Info,
     /// Classify image files (any size; resized to 32×32) with a checkpoint.
     Predict {
         #[arg(long)]
@@ -106,12 +110,95 @@ fn parse_widths(s: &str) -> Result<[usize; 3], String> {
     }
 }
 
-/// The backend asked for, or the fastest one available.
-fn pick_backend(kind: Option<BackendKind>) -> Result<Cpu> {
-    match kind.unwrap_or(BackendKind::Cpu) {
-        BackendKind::Cpu => Ok(Cpu::new()),
-        other => bail!("backend `{}` is not available in this build; available backends: cpu", format!("{other:?}").to_lowercase()),
+/// A backend picked at run time; `with_backend!` runs generic code on whichever it is.
+enum Chosen {
+    Cpu(Cpu),
+    #[cfg(feature = "wgpu")]
+    Wgpu(Box<Wgpu>),
+}
+
+macro_rules! with_backend {
+    ($chosen:expr, |$b:ident| $body:expr) => {
+        match $chosen {
+            Chosen::Cpu($b) => {
+                let $b = &$b;
+                $body
+            }
+            #[cfg(feature = "wgpu")]
+            Chosen::Wgpu($b) => {
+                let $b = &*$b;
+                $body
+            }
+        }
+    };
+}
+
+/// The backends this build has.
+fn built_backends() -> &'static str {
+    if cfg!(feature = "wgpu") {
+        "cpu, wgpu"
+    } else {
+        "cpu"
     }
+}
+
+/// The backend asked for, or the fastest one available: wgpu on a real GPU, else the CPU
+/// (a CPU-emulated adapter such as lavapipe is far slower than the CPU backend).
+fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
+    match kind {
+        Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::new())),
+        #[cfg(feature = "wgpu")]
+        Some(BackendKind::Wgpu) => Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::new())?))),
+        #[cfg(feature = "wgpu")]
+        None => match block_on(webgpu::default_adapter()) {
+            Ok(adapter) if adapter.get_info().device_type != ::wgpu::DeviceType::Cpu => {
+                Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::on(adapter))?)))
+            }
+            _ => Ok(Chosen::Cpu(Cpu::new())),
+        },
+        #[cfg(not(feature = "wgpu"))]
+        None => Ok(Chosen::Cpu(Cpu::new())),
+        Some(other) => bail!(
+            "backend `{}` is not available in this build; available backends: {}",
+            format!("{other:?}").to_lowercase(),
+            built_backends()
+        ),
+    }
+}
+
+fn info() {
+    let cpu = Cpu::new();
+    println!("cpu: {}", cpu.device_name());
+    #[cfg(feature = "wgpu")]
+    {
+        let adapters = block_on(webgpu::all_adapters());
+        if adapters.is_empty() {
+            println!("wgpu: no adapter (install a Vulkan, Metal or DX12 driver; on Linux without a GPU: mesa-vulkan-drivers)");
+        }
+        for a in adapters {
+            let (i, f, l) = (a.get_info(), a.features(), a.limits());
+            println!("wgpu: {} ({:?}, {:?}, driver {} {})", i.name, i.backend, i.device_type, i.driver, i.driver_info);
+            println!(
+                "      shader-f16 {}, subgroups {} (size {}..{}), timestamps {}",
+                f.contains(::wgpu::Features::SHADER_F16),
+                f.contains(::wgpu::Features::SUBGROUP),
+                i.subgroup_min_size,
+                i.subgroup_max_size,
+                f.contains(::wgpu::Features::TIMESTAMP_QUERY)
+            );
+            println!(
+                "      max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
+                l.max_storage_buffer_binding_size >> 20,
+                l.max_buffer_size >> 20,
+                l.max_compute_workgroup_storage_size >> 10,
+                l.max_compute_invocations_per_workgroup,
+                l.max_storage_buffers_per_shader_stage
+            );
+        }
+    }
+    #[cfg(not(feature = "wgpu"))]
+    println!("wgpu: not built (build with the `wgpu` feature)");
+    println!("cuda: not built (the CUDA backend is not implemented yet)");
 }
 
 fn main() {
@@ -123,9 +210,10 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => {
-            let b = pick_backend(args.backend)?;
-            train_command(&b, &args)
+        Command::Train(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args)),
+        Command::Info => {
+            info();
+            Ok(())
         }
         Command::Download { data_dir } => {
             let dir = data::resolve_dir(data_dir.as_deref());
@@ -137,20 +225,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Eval { checkpoint, tta, data_dir, test_limit, backend } => {
-            let b = pick_backend(backend)?;
             let test = data::load_test(&data::resolve_dir(data_dir.as_deref()), test_limit)?;
             if test.is_empty() {
                 bail!("--test-limit must be at least 1");
             }
-            let logits = predict_logits(&b, &checkpoint, &test, tta as usize)?;
+            let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &test, tta as usize))?;
             let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| train::argmax(l) == y as usize).count();
             println!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
             Ok(())
         }
         Command::Predict { checkpoint, images, backend } => {
-            let b = pick_backend(backend)?;
             let split = read_images(&images)?;
-            let logits = predict_logits(&b, &checkpoint, &split, 2)?;
+            let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &split, 2))?;
             for (path, l) in images.iter().zip(logits.chunks_exact(10)) {
                 let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
@@ -168,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
 /// Logits of every image of `split` under TTA `level`, from a checkpoint.
 fn predict_logits<B: Backend>(b: &B, path: &Path, split: &Split, level: usize) -> Result<Vec<f32>> {
     let ckpt = checkpoint::load(path)?;
-    let mut net = Net::new(b, ckpt.layout.widths, split.len().min(1024));
+    let mut net = Net::new(b, ckpt.layout.widths, split.len().min(1024))?;
     net.set_state(b, &ckpt.params, &ckpt.running);
     let data = DeviceSplit::new(b, split);
     let mut eval = Evaluator::new(b, split.len(), net.capacity, level);

@@ -5,7 +5,7 @@
 //! → 3 × [conv3×3 → maxpool2 → BN → GELU → conv3×3 → BN → GELU]  (widths w1, w2, w3)
 //! → global maxpool 3×3 → linear (w3→10, no bias) × 1/9
 
-use crate::backend::{all, all_mut, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, PATCH, SIDE};
+use crate::backend::{all, all_mut, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, PATCH, SIDE, STD};
 use crate::linalg::symmetric_eigen;
 use crate::rng::Rng;
 use std::ops::Range;
@@ -148,12 +148,28 @@ impl Layout {
     }
 }
 
-/// Whitening filters from the uncentered 2×2-patch second moments `moments (12, 12)` of
-/// `count` patches: eigenvectors / √(λ + eps) and their negatives, as OHWI `(24, 2, 2, 3)`.
-/// Also returns the eigenvalues, descending.
-pub fn whitening_filters(moments: &[f64], count: f64, eps: f64) -> (Vec<f32>, Vec<f64>) {
-    let cov: Vec<f64> = moments.iter().map(|m| m / count).collect();
-    let (values, vectors) = symmetric_eigen(&cov, PATCH);
+/// The uncentered covariance `(12, 12)` of normalised 2×2 patches from the summed moments of
+/// `Backend::patch_moments` (of q = pixel − 128) over `patches` patches. Normalisation is
+/// affine per channel, x = a·q + b with a = 1/(255·std), b = (128/255 − mean)/std, so
+/// Σ xᵢxⱼ = aᵢaⱼ Σ qᵢqⱼ + aᵢbⱼ Σ qᵢ + bᵢaⱼ Σ qⱼ + bᵢbⱼ·patches, evaluated in f64.
+pub fn patch_covariance(sums: &[f64], patches: f64) -> Vec<f64> {
+    let channel = |j: usize| j / 4; // (c, ky, kx) order
+    let a = |j: usize| 1.0 / (255.0 * STD[channel(j)]);
+    let b = |j: usize| (128.0 / 255.0 - MEAN[channel(j)]) / STD[channel(j)];
+    let linear = &sums[PATCH * PATCH..];
+    (0..PATCH * PATCH)
+        .map(|ij| {
+            let (i, j) = (ij / PATCH, ij % PATCH);
+            (a(i) * a(j) * sums[ij] + a(i) * b(j) * linear[i] + b(i) * a(j) * linear[j] + b(i) * b(j) * patches) / patches
+        })
+        .collect()
+}
+
+/// Whitening filters from the uncentered patch covariance `cov (12, 12)`: eigenvectors /
+/// √(λ + eps) and their negatives, as OHWI `(24, 2, 2, 3)`. Also returns the eigenvalues,
+/// descending.
+pub fn whitening_filters(cov: &[f64], eps: f64) -> (Vec<f32>, Vec<f64>) {
+    let (values, vectors) = symmetric_eigen(cov, PATCH);
     let mut w = vec![0.0f32; WHITEN_OUT * PATCH];
     for (o, (lambda, v)) in values.iter().zip(&vectors).enumerate() {
         for (j, &vj) in v.iter().enumerate() {
@@ -198,10 +214,21 @@ pub struct Net<B: Backend> {
 pub const LOGIT_SCALE: f32 = 1.0 / 9.0;
 
 impl<B: Backend> Net<B> {
-    pub fn new(b: &B, widths: [usize; 3], capacity: usize) -> Net<B> {
+    /// Allocates everything for batches of up to `capacity` images; fails when a buffer
+    /// would exceed what the device can bind.
+    pub fn new(b: &B, widths: [usize; 3], capacity: usize) -> anyhow::Result<Net<B>> {
         let layout = Layout::new(widths);
         let n = capacity;
         let whiten_len = n * WHITEN_SIDE * WHITEN_SIDE * WHITEN_OUT;
+        let largest = layout.layers.iter().map(|l| n * l.side * l.side * l.c_out.max(l.c_in)).max().unwrap().max(whiten_len);
+        if largest > b.max_tensor_len() {
+            anyhow::bail!(
+                "batch size {n} needs {} MiB buffers; this device binds at most {} MiB: use --batch-size {} or less",
+                (largest * 4) >> 20,
+                (b.max_tensor_len() * 4) >> 20,
+                n * b.max_tensor_len() / largest
+            );
+        }
         let acts: Vec<LayerActs<B>> = layout
             .layers
             .iter()
@@ -212,8 +239,7 @@ impl<B: Backend> Net<B> {
                 saved: b.zeros(2 * l.c_out),
             })
             .collect();
-        let scratch = layout.layers.iter().map(|l| n * l.side * l.side * l.c_out.max(l.c_in)).max().unwrap().max(whiten_len);
-        Net {
+        Ok(Net {
             params: b.zeros(layout.params_len()),
             running: b.zeros(layout.running_len),
             grads: b.zeros(layout.trainable),
@@ -226,11 +252,11 @@ impl<B: Backend> Net<B> {
             acts,
             pooled: b.zeros(n * widths[2]),
             dpooled: b.zeros(n * widths[2]),
-            grad_a: b.zeros(scratch),
-            grad_y: b.zeros(scratch),
+            grad_a: b.zeros(largest),
+            grad_y: b.zeros(largest),
             layout,
             capacity,
-        }
+        })
     }
 
     fn whiten_shape(n: usize) -> ConvShape {

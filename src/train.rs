@@ -3,9 +3,9 @@
 //! augmentation, and test-time augmentation. Timing follows recipe §3: the clock runs from the
 //! whitening init to the end of the final TTA; per-epoch diagnostics are outside it.
 
-use crate::backend::{all, all_mut, Backend, BnMode, Crop, View, ViewMut, CLASSES};
+use crate::backend::{all, all_mut, Backend, BnMode, Crop, View, ViewMut, CLASSES, MOMENTS};
 use crate::data::Split;
-use crate::model::{whitening_filters, Layout, Net, WHITEN_OUT};
+use crate::model::{patch_covariance, whitening_filters, Layout, Net, WHITEN_OUT};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use std::time::Instant;
@@ -275,8 +275,7 @@ pub struct Trainer<'a, B: Backend> {
     order: B::Index,    // (n_train) this epoch's shuffle
     crops: B::Index,    // (n_train) this epoch's packed crops, in shuffled order
     stats: B::Tensor,   // (2) this epoch's summed loss and correct count
-    identity: B::Index, // (batch) the unaugmented view, for the whitening images
-    moments: B::Tensor, // (whiten_images, 12, 12) per-image patch moments
+    moments: B::Tensor, // (whiten_images, 156) per-image patch moments
     rng: Rng,
     flip_base: Vec<bool>,
     pub step: usize,
@@ -289,7 +288,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         if train.len() < cfg.batch_size {
             bail!("the batch size ({}) must be between 1 and the number of training images ({})", cfg.batch_size, train.len());
         }
-        let net = Net::new(b, cfg.widths, cfg.batch_size);
+        let net = Net::new(b, cfg.widths, cfg.batch_size)?;
         let layout = &net.layout;
         Ok(Trainer {
             momentum: b.zeros(layout.trainable),
@@ -298,8 +297,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             order: b.index_zeros(train.len()),
             crops: b.index_zeros(train.len()),
             stats: b.zeros(2),
-            identity: constant_crops(b, Crop::IDENTITY, cfg.batch_size),
-            moments: b.zeros(cfg.whiten_images.min(train.len()) * 144),
+            moments: b.zeros(cfg.whiten_images.min(train.len()) * MOMENTS),
             rng: Rng::new(cfg.seed),
             flip_base: Vec::new(),
             step: 0,
@@ -328,18 +326,13 @@ impl<'a, B: Backend> Trainer<'a, B> {
     pub async fn init_whitening(&mut self) -> Vec<f64> {
         let (b, net) = (self.b, &mut self.net);
         let n = self.cfg.whiten_images.min(self.train.len());
-        for start in (0..n).step_by(net.capacity) {
-            let count = net.capacity.min(n - start);
-            let index = View { buf: &self.train.order, range: start..start + count };
-            b.load_batch(&self.train.images, index, View { buf: &self.identity, range: 0..count }, &mut net.x, &mut net.labels);
-            b.patch_moments(count, &net.x, ViewMut { buf: &mut self.moments, range: start * 144..(start + count) * 144 });
+        b.patch_moments(&self.train.images, View { buf: &self.train.order, range: 0..n }, all_mut(&mut self.moments, n * MOMENTS));
+        let mut sums = vec![0.0f64; MOMENTS];
+        for image in b.read(all(&self.moments, n * MOMENTS)).await.chunks_exact(MOMENTS) {
+            sums.iter_mut().zip(image).for_each(|(s, &v)| *s += v as f64);
         }
-        // Per-image sums, added in f64 on the host: the smallest eigenvalues are ~1e-4.
-        let mut moments = vec![0.0f64; 144];
-        for image in b.read(all(&self.moments, n * 144)).await.chunks_exact(144) {
-            moments.iter_mut().zip(image).for_each(|(m, &s)| *m += s as f64);
-        }
-        let (weights, eigenvalues) = whitening_filters(&moments, (n * 31 * 31) as f64, self.cfg.whiten_eps);
+        let cov = patch_covariance(&sums, (n * 31 * 31) as f64);
+        let (weights, eigenvalues) = whitening_filters(&cov, self.cfg.whiten_eps);
         let range = net.layout.param("whiten.weight");
         b.upload(ViewMut { buf: &mut net.params, range }, &weights);
         let layout = &net.layout;

@@ -132,7 +132,8 @@ fn bad_flags_and_paths_are_clean_errors() {
     let dir = tmp.path().to_str().unwrap();
     small_data(tmp.path(), |_| {});
     fails_with(&speedrun(&["train", "--widths", "1,2"], &[]), 2, "three positive widths");
-    fails_with(&speedrun(&["train", "--backend", "wgpu"], &[]), 1, "available backends: cpu");
+    let built = if cfg!(feature = "wgpu") { "available backends: cpu, wgpu" } else { "available backends: cpu" };
+    fails_with(&speedrun(&["train", "--backend", "cuda"], &[]), 1, built);
     fails_with(&speedrun(&["train", "--backend", "tpu"], &[]), 2, "possible values: cpu, wgpu, cuda");
     fails_with(&speedrun(&["train", "--data-dir", dir, "--epochs", "0"], &[]), 1, "--epochs must be positive");
     fails_with(&speedrun(&[&["train", "--data-dir", dir, "--batch-size", "100"][..], &TINY].concat(), &[]), 1, "batch size (100)");

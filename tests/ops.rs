@@ -1,8 +1,11 @@
 //! Every backend op against independent float64 loops written here, and every backward op
 //! against central finite differences of its forward. Each test body is generic over
-//! `Backend` and instantiated per backend by `backend_tests!`.
+//! `Backend` and instantiated per backend by `backend_tests!` (CPU; wgpu, skipped with a
+//! message when no adapter exists).
 
-use speedrun::backend::{all, all_mut, block_on, reflect, Backend, BnMode, ConvShape, Crop, PoolBnShape};
+mod common;
+
+use speedrun::backend::{all, all_mut, block_on, reflect, Backend, BnMode, ConvShape, Crop, PoolBnShape, ViewMut};
 use speedrun::rng::Rng;
 
 fn upload<B: Backend>(b: &B, v: &[f32]) -> B::Tensor {
@@ -112,6 +115,43 @@ pub fn conv_backward<B: Backend>(b: &B) {
     }
 }
 
+/// dx and dW of `Σ r·conv(x, w)` in float64, by direct loops.
+fn conv_ref_backward(s: &ConvShape, x: &[f32], w: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>) {
+    let (oh, ow) = (s.out_h(), s.out_w());
+    let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+    for (b, oy, ox, o) in
+        (0..s.n).flat_map(|b| (0..oh).flat_map(move |oy| (0..ow).flat_map(move |ox| (0..s.c_out).map(move |o| (b, oy, ox, o)))))
+    {
+        let g = r[((b * oh + oy) * ow + ox) * s.c_out + o] as f64;
+        for (ky, kx, i) in (0..s.k).flat_map(|ky| (0..s.k).flat_map(move |kx| (0..s.c_in).map(move |i| (ky, kx, i)))) {
+            let (iy, ix) = ((oy + ky) as isize - s.pad as isize, (ox + kx) as isize - s.pad as isize);
+            if iy >= 0 && ix >= 0 && (iy as usize) < s.h && (ix as usize) < s.w {
+                let xi = ((b * s.h + iy as usize) * s.w + ix as usize) * s.c_in + i;
+                let wi = ((o * s.k + ky) * s.k + kx) * s.c_in + i;
+                dx[xi] += g * w[wi] as f64;
+                dw[wi] += g * x[xi] as f64;
+            }
+        }
+    }
+    (dx, dw)
+}
+
+/// A conv spanning several output tiles, reduction slices and weight-gradient splits.
+pub fn conv_large<B: Backend>(b: &B) {
+    let s = ConvShape { n: 3, h: 9, w: 9, c_in: 20, c_out: 70, k: 3, pad: 1 };
+    let (x, w, r) = (random(s.n * s.h * s.w * s.c_in, 21), random(w_len(&s), 22), random(y_len(&s), 23));
+    let (tx, tw, tr) = (upload(b, &x), upload(b, &w), upload(b, &r));
+    let mut y = b.zeros(y_len(&s));
+    b.conv_forward(s, &tx, all(&tw, w.len()), &mut y);
+    assert_close("large conv forward", &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
+    let (mut dx, mut dw) = (b.zeros(x.len()), b.zeros(w.len()));
+    b.conv_backward_data(s, &tr, all(&tw, w.len()), &mut dx);
+    b.conv_backward_filter(s, &tx, &tr, all_mut(&mut dw, w.len()));
+    let (want_dx, want_dw) = conv_ref_backward(&s, &x, &w, &r);
+    assert_close("large conv dx", &read(b, &dx, x.len()), &want_dx, 1e-5);
+    assert_close("large conv dw", &read(b, &dw, w.len()), &want_dw, 1e-5);
+}
+
 pub fn bias_gelu<B: Backend>(b: &B) {
     let (pixels, c) = (10, 4);
     let (z0, bias, r) = (random(pixels * c, 6), random(c, 7), random(pixels * c, 8));
@@ -130,61 +170,90 @@ pub fn bias_gelu<B: Backend>(b: &B) {
     check_grad("dbias", &mut bias, &read(b, &dbias, c), 1e-2, |bias| dot(&forward(&z0, bias).1, &r));
 }
 
+/// Pool → BN (batch statistics) → GELU in float64: returns (a, dy, dβ) for the upstream
+/// gradient `r`, and the running (mean, var) after a momentum-0.6 update from (0, 1).
+fn pool_bn_gelu_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (c, p) = (s.c, s.pool);
+    let rows = s.n * s.out_h() * s.out_w();
+    let window = |row: usize, k: usize| {
+        let (bi, oy, ox) = (row / (s.out_h() * s.out_w()), row / s.out_w() % s.out_h(), row % s.out_w());
+        (bi * s.h + oy * p + k / p) * s.w + ox * p + k % p
+    };
+    let (mut a, mut dy, mut dbeta, mut running) = (vec![0.0; rows * c], vec![0.0; y.len()], vec![0.0; c], vec![0.0; 2 * c]);
+    let erf_cdf = |z: f64| 0.5 * (1.0 + libm::erf(z / std::f64::consts::SQRT_2));
+    for ch in 0..c {
+        // First maximum of each window, as PyTorch.
+        let arg: Vec<usize> = (0..rows)
+            .map(|row| (0..p * p).fold(0, |best, k| if y[window(row, k) * c + ch] > y[window(row, best) * c + ch] { k } else { best }))
+            .collect();
+        let v: Vec<f64> = (0..rows).map(|row| y[window(row, arg[row]) * c + ch] as f64).collect();
+        let mean = v.iter().sum::<f64>() / rows as f64;
+        let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / rows as f64;
+        let istd = 1.0 / (var + 1e-12).sqrt();
+        running[ch] = 0.4 * mean;
+        running[c + ch] = 0.6 + 0.4 * var * rows as f64 / (rows - 1) as f64;
+        let xhat: Vec<f64> = v.iter().map(|x| (x - mean) * istd).collect();
+        let dz: Vec<f64> = (0..rows)
+            .map(|row| {
+                let z = xhat[row] + beta[ch] as f64;
+                a[row * c + ch] = z * erf_cdf(z);
+                r[row * c + ch] as f64 * (erf_cdf(z) + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt())
+            })
+            .collect();
+        dbeta[ch] = dz.iter().sum();
+        let (mean_dz, mean_dzx) = (dbeta[ch] / rows as f64, dz.iter().zip(&xhat).map(|(d, x)| d * x).sum::<f64>() / rows as f64);
+        for row in 0..rows {
+            dy[window(row, arg[row]) * c + ch] = istd * (dz[row] - mean_dz - xhat[row] * mean_dzx);
+        }
+    }
+    (a, dy, dbeta, running)
+}
+
 pub fn pool_bn_gelu<B: Backend>(b: &B) {
-    for pool in [1, 2] {
-        let s = PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool };
+    // Small shapes also against finite differences; the large one spans several row chunks
+    // and channel groups of the two-stage reductions.
+    let shapes = [
+        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 1 }, true),
+        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 2 }, true),
+        (PoolBnShape { n: 8, h: 17, w: 16, c: 70, pool: 2 }, false),
+    ];
+    for (s, finite_differences) in shapes {
+        let pool = s.pool;
         let out = s.n * s.out_h() * s.out_w() * s.c;
         let (mut y, mut beta, r) = (distinct(s.n * s.h * s.w * s.c, 9), random(s.c, 10), random(out, 11));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
         let forward = |y: &[f32], beta: &[f32]| {
-            let mut running = upload(b, &[0.0, 0.0, 0.0, 1.0, 1.0, 1.0]);
+            let mut running = upload(b, &[vec![0.0; s.c], vec![1.0; s.c]].concat());
             let (mut z, mut a, mut saved) = (b.zeros(out), b.zeros(out), b.zeros(2 * s.c));
             b.pool_bn_gelu_forward(
                 s,
                 mode,
                 &upload(b, y),
                 all(&upload(b, beta), s.c),
-                all_mut(&mut running, 6),
+                all_mut(&mut running, 2 * s.c),
                 &mut z,
                 &mut a,
                 &mut saved,
             );
-            (z, a, saved, read(b, &running, 6))
+            (z, a, saved, read(b, &running, 2 * s.c))
         };
-        // Forward against float64: pool, batch statistics, GELU, running-stat update.
         let (z, a, saved, running) = forward(&y, &beta);
-        let rows = s.n * s.out_h() * s.out_w();
-        let pooled: Vec<f64> = (0..out)
-            .map(|i| {
-                let (ch, px) = (i % s.c, i / s.c);
-                let (bi, oy, ox) = (px / (s.out_h() * s.out_w()), px / s.out_w() % s.out_h(), px % s.out_w());
-                let at = |dy: usize, dx: usize| y[((bi * s.h + oy * pool + dy) * s.w + ox * pool + dx) * s.c + ch] as f64;
-                (0..pool * pool).map(|k| at(k / pool, k % pool)).fold(f64::NEG_INFINITY, f64::max)
-            })
-            .collect();
-        let mut want = vec![0.0; out];
-        for ch in 0..s.c {
-            let vals: Vec<f64> = (0..rows).map(|r| pooled[r * s.c + ch]).collect();
-            let mean = vals.iter().sum::<f64>() / rows as f64;
-            let var = vals.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / rows as f64;
-            for r in 0..rows {
-                let zz = (vals[r] - mean) / (var + 1e-12).sqrt() + beta[ch] as f64;
-                want[r * s.c + ch] = 0.5 * zz * (1.0 + libm::erf(zz / std::f64::consts::SQRT_2));
-            }
-            assert!((running[ch] as f64 - 0.4 * mean).abs() < 1e-5, "running mean");
-            assert!((running[3 + ch] as f64 - (0.6 + 0.4 * var * rows as f64 / (rows - 1) as f64)).abs() < 1e-5, "running var is unbiased");
-        }
-        assert_close(&format!("pool{pool} bn gelu"), &read(b, &a, out), &want, 1e-5);
-        // Backward against finite differences, w.r.t. the conv output and β.
+        let (want_a, want_dy, want_dbeta, want_running) = pool_bn_gelu_ref(&s, &y, &beta, &r);
+        assert_close(&format!("pool{pool} bn gelu"), &read(b, &a, out), &want_a, 1e-5);
+        assert_close(&format!("pool{pool} running stats (unbiased var)"), &running, &want_running, 1e-5);
         let (mut dy, mut dbeta) = (b.zeros(y.len()), b.zeros(s.c));
         let mut da = upload(b, &r);
         b.pool_bn_gelu_backward(s, &upload(b, &y), &z, &saved, all(&upload(b, &beta), s.c), &mut da, &mut dy, all_mut(&mut dbeta, s.c));
-        let loss = |y: &[f32], beta: &[f32]| dot(&read(b, &forward(y, beta).1, out), &r);
         let (dy, dbeta) = (read(b, &dy, y.len()), read(b, &dbeta, s.c));
-        let bc = beta.clone();
-        check_grad(&format!("pool{pool} dy"), &mut y, &dy, 1e-2, |y| loss(y, &bc));
-        let yc = y.clone();
-        check_grad(&format!("pool{pool} dbeta"), &mut beta, &dbeta, 1e-2, |beta| loss(&yc, beta));
+        assert_close(&format!("pool{pool} dy"), &dy, &want_dy, 1e-4);
+        assert_close(&format!("pool{pool} dbeta"), &dbeta, &want_dbeta, 1e-4);
+        if finite_differences {
+            let loss = |y: &[f32], beta: &[f32]| dot(&read(b, &forward(y, beta).1, out), &r);
+            let bc = beta.clone();
+            check_grad(&format!("pool{pool} dy"), &mut y, &dy, 1e-2, |y| loss(y, &bc));
+            let yc = y.clone();
+            check_grad(&format!("pool{pool} dbeta"), &mut beta, &dbeta, 1e-2, |beta| loss(&yc, beta));
+        }
     }
 }
 
@@ -241,6 +310,30 @@ pub fn linear_and_loss<B: Backend>(b: &B) {
     check_grad("linear+loss dw", &mut w, &dw, 1e-2, |w| loss(&xc, w).1[0] as f64);
 }
 
+/// The loss over more rows than one workgroup reduces, against float64.
+pub fn loss_many_rows<B: Backend>(b: &B) {
+    let n = 700;
+    let logits = random(n * 10, 24).iter().map(|v| 4.0 * v).collect::<Vec<_>>();
+    let labels: Vec<u32> = (0..n as u32).map(|i| i * 7 % 10).collect();
+    let mut tl = b.index_zeros(n);
+    b.upload_index(all_mut(&mut tl, n), &labels);
+    let (mut dlogits, mut stats) = (b.zeros(n * 10), upload(b, &[1.0, 2.0]));
+    b.cross_entropy(n, 0.2, &upload(b, &logits), &tl, Some(&mut dlogits), &mut stats);
+    let (mut loss, mut correct, mut grad) = (1.0, 2.0, vec![0.0; n * 10]);
+    for (row, (l, &label)) in logits.chunks_exact(10).zip(&labels).enumerate() {
+        let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + l.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
+        for j in 0..10 {
+            let t = 0.02 + if j == label as usize { 0.8 } else { 0.0 };
+            loss += t * (lse - l[j] as f64);
+            grad[row * 10 + j] = (l[j] as f64 - lse).exp() - t;
+        }
+        correct += (speedrun::train::argmax(l) == label as usize) as usize as f64;
+    }
+    assert_close("accumulated loss and correct count", &read(b, &stats, 2), &[loss, correct], 1e-6);
+    assert_close("dlogits", &read(b, &dlogits, n * 10), &grad, 1e-6);
+}
+
 pub fn load_batch_views<B: Backend>(b: &B) {
     // Three images whose pixels all differ.
     let pixels: Vec<u8> = (0..3 * 3072).map(|i| (i * 7 % 251) as u8).collect();
@@ -277,19 +370,28 @@ pub fn load_batch_views<B: Backend>(b: &B) {
 }
 
 pub fn patch_moments<B: Backend>(b: &B) {
-    let n = 2;
-    let x = random(n * 3072, 16);
-    let mut out = b.zeros(n * 144);
-    b.patch_moments(n, &upload(b, &x), all_mut(&mut out, n * 144));
-    let mut want = vec![0.0f64; n * 144];
-    for (bi, y, xx) in (0..n).flat_map(|bi| (0..31).flat_map(move |y| (0..31).map(move |xx| (bi, y, xx)))) {
-        // (c, ky, kx) order
-        let p: Vec<f64> = (0..12).map(|j| x[bi * 3072 + ((y + j / 2 % 2) * 32 + xx + j % 2) * 3 + j / 4] as f64).collect();
-        for (i, j) in (0..12).flat_map(|i| (0..12).map(move |j| (i, j))) {
-            want[bi * 144 + i * 12 + j] += p[i] * p[j];
+    let pixels: Vec<u8> = (0..3 * 3072).map(|i| (i * 31 % 256) as u8).collect();
+    let images = b.upload_images(&pixels, &[0, 1, 2]);
+    let mut index = b.index_zeros(2);
+    b.upload_index(all_mut(&mut index, 2), &[2, 0]);
+    let mut out = b.zeros(3 * 156);
+    b.patch_moments(&images, all(&index, 2), ViewMut { buf: &mut out, range: 156..3 * 156 });
+    let got = read(b, &out, 3 * 156);
+    assert!(got[..156].iter().all(|&v| v == 0.0), "writes only its window");
+    for (k, image) in [2usize, 0].into_iter().enumerate() {
+        let mut want = vec![0i64; 156];
+        for (y, x) in (0..31).flat_map(|y| (0..31).map(move |x| (y, x))) {
+            // (c, ky, kx) order, centred
+            let q: Vec<i64> = (0..12).map(|j| pixels[image * 3072 + ((y + j / 2 % 2) * 32 + x + j % 2) * 3 + j / 4] as i64 - 128).collect();
+            for i in 0..12 {
+                want[144 + i] += q[i];
+                (0..12).for_each(|j| want[i * 12 + j] += q[i] * q[j]);
+            }
         }
+        assert!(want.iter().all(|v| v.abs() < 1 << 24), "exact in f32");
+        let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
+        assert_eq!(got[156 * (k + 1)..156 * (k + 2)], want[..], "image {image}: exact integer sums");
     }
-    assert_close("patch moments", &read(b, &out, n * 144), &want, 1e-6);
 }
 
 pub fn optimizer_ops<B: Backend>(b: &B) {
@@ -325,23 +427,46 @@ pub fn optimizer_ops<B: Backend>(b: &B) {
     let mut y = upload(b, &[1.0, 1.0, 1.0]);
     b.axpy(0.5, all(&upload(b, &[2.0, 4.0, 6.0]), 3), all_mut(&mut y, 3));
     assert_eq!(read(b, &y, 3), vec![2.0, 3.0, 4.0]);
-    b.fill(speedrun::backend::ViewMut { buf: &mut y, range: 1..3 }, 0.0);
+    b.fill(ViewMut { buf: &mut y, range: 1..3 }, 0.0);
     assert_eq!(read(b, &y, 3), vec![2.0, 0.0, 0.0]);
-    b.copy(all(&upload(b, &[9.0]), 1), speedrun::backend::ViewMut { buf: &mut y, range: 2..3 });
+    b.copy(all(&upload(b, &[9.0]), 1), ViewMut { buf: &mut y, range: 2..3 });
     assert_eq!(read(b, &y, 3), vec![2.0, 0.0, 9.0]);
 }
 
-/// One `#[test]` per op body, per backend.
+/// One `#[test]` per op body, per backend: `$make` gives `Option<backend>` (None skips).
 macro_rules! backend_tests {
     ($backend:ident, $make:expr, [$($op:ident),*]) => {
         mod $backend {
-            $(#[test] fn $op() { super::$op(&$make); })*
+            $(#[test] fn $op() { if let Some(b) = $make { super::$op(&b); } })*
         }
     };
 }
 
-backend_tests!(
-    cpu,
-    speedrun::backend::cpu::Cpu::new(),
-    [conv_forward, conv_backward, bias_gelu, pool_bn_gelu, max_pool, linear_and_loss, load_batch_views, patch_moments, optimizer_ops]
-);
+macro_rules! all_ops {
+    ($backend:ident, $make:expr) => {
+        backend_tests!(
+            $backend,
+            $make,
+            [
+                conv_forward,
+                conv_backward,
+                conv_large,
+                bias_gelu,
+                pool_bn_gelu,
+                max_pool,
+                linear_and_loss,
+                loss_many_rows,
+                load_batch_views,
+                patch_moments,
+                optimizer_ops
+            ]
+        );
+    };
+}
+
+all_ops!(cpu, Some(speedrun::backend::cpu::Cpu::new()));
+// Both convolution variants: tiled (GPUs) and direct (CPU-emulated adapters).
+#[cfg(feature = "wgpu")]
+all_ops!(wgpu_tiled, crate::common::wgpu_device().inspect(|g| g.set_tiled_convolutions(true)));
+#[cfg(feature = "wgpu")]
+all_ops!(wgpu_direct, crate::common::wgpu_device().inspect(|g| g.set_tiled_convolutions(false)));

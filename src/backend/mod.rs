@@ -9,19 +9,23 @@
 //! - Ops that take `n` work on the first `n` images of buffers sized for a larger batch.
 
 pub mod cpu;
+#[cfg(feature = "wgpu")]
+pub mod wgpu;
 
 use std::future::Future;
 use std::ops::Range;
 
 /// CIFAR-10 channel means and standard deviations (airbench94's fixed normalisation).
-pub const MEAN: [f32; 3] = [0.4914, 0.4822, 0.4465];
-pub const STD: [f32; 3] = [0.2470, 0.2435, 0.2616];
+pub const MEAN: [f64; 3] = [0.4914, 0.4822, 0.4465];
+pub const STD: [f64; 3] = [0.2470, 0.2435, 0.2616];
 /// Image side and channels of every input.
 pub const SIDE: usize = 32;
 pub const CHANNELS: usize = 3;
 pub const CLASSES: usize = 10;
 /// Length of one 2×2×3 whitening patch.
 pub const PATCH: usize = 12;
+/// Values per image of `Backend::patch_moments`: Σ q qᵀ (12×12), then Σ q (12).
+pub const MOMENTS: usize = PATCH * PATCH + PATCH;
 
 /// A read-only window into a backend buffer, in elements.
 pub struct View<'a, T> {
@@ -133,6 +137,8 @@ pub trait Backend {
     fn device_name(&self) -> String;
 
     // ---- memory ----
+    /// The longest tensor (in values) the device can bind.
+    fn max_tensor_len(&self) -> usize;
     fn zeros(&self, len: usize) -> Self::Tensor;
     fn index_zeros(&self, len: usize) -> Self::Index;
     fn upload(&self, dst: ViewMut<Self::Tensor>, src: &[f32]);
@@ -156,11 +162,12 @@ pub trait Backend {
         x: &mut Self::Tensor,
         labels: &mut Self::Index,
     );
-    /// For each image of `x (n, 32, 32, 3)`, the sum over its 31×31 2×2 patches `p` of
-    /// `p pᵀ`, each patch flattened in PyTorch's `(c, ky, kx)` order, into `out (n, 12, 12)`.
-    /// Per image, so the host can add them in f64: the smallest eigenvalues are ~1e-4 of
-    /// the largest, too small for one f32 sum over all images.
-    fn patch_moments(&self, n: usize, x: &Self::Tensor, out: ViewMut<Self::Tensor>);
+    /// For each image `index[i]`, over its 31×31 2×2 patches `q` of centred pixel values
+    /// (value − 128, flattened in PyTorch's `(c, ky, kx)` order): `Σ q qᵀ` then `Σ q`, into
+    /// `out (n, 156)`. Every sum is an integer below 2²⁴ in magnitude, so exact in f32 and
+    /// the same on every backend; the host normalises them in f64 (the smallest eigenvalues
+    /// of the patch covariance are ~1e-5 of the largest, below f32 rounding elsewhere).
+    fn patch_moments(&self, images: &Self::Images, index: View<Self::Index>, out: ViewMut<Self::Tensor>);
 
     // ---- convolution (no bias) ----
     /// `y (n, oh, ow, c_out) = conv(x (n, h, w, c_in), w (c_out, k, k, c_in))`.

@@ -42,6 +42,20 @@ pub fn reference_file() -> PathBuf {
     path
 }
 
+/// A wgpu device on the default adapter, or None (with a message) when there is none.
+/// With `SPEEDRUN_REQUIRE_WGPU=1` (as `.ci/run` sets) a missing adapter fails the test.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device() -> Option<speedrun::backend::wgpu::Wgpu> {
+    match speedrun::backend::block_on(speedrun::backend::wgpu::Wgpu::new()) {
+        Ok(device) => Some(device),
+        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_WGPU").is_none() => {
+            eprintln!("SKIPPED: no wgpu adapter ({e:#}); set SPEEDRUN_REQUIRE_WGPU=1 to make this a failure");
+            None
+        }
+        Err(e) => panic!("SPEEDRUN_REQUIRE_WGPU is set but there is no wgpu adapter: {e:#}"),
+    }
+}
+
 /// Largest absolute difference, relative to the largest magnitude in `want`.
 pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");

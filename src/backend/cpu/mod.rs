@@ -5,7 +5,7 @@
 mod conv;
 pub mod norm;
 
-use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, PATCH, SIDE, STD};
+use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, MOMENTS, PATCH, SIDE, STD};
 use rayon::prelude::*;
 use std::cell::RefCell;
 use std::future::{ready, Future};
@@ -63,6 +63,10 @@ impl Backend for Cpu {
         format!("{model} ({} threads)", rayon::current_num_threads())
     }
 
+    fn max_tensor_len(&self) -> usize {
+        usize::MAX
+    }
+
     fn zeros(&self, len: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(len);
         v.resize(len, 0.0); // writes every page now, not inside the first timed step
@@ -114,7 +118,7 @@ impl Backend for Cpu {
                     let sx = super::reflect(x as i32 + crop.dx, SIDE as i32);
                     let sx = if crop.flip { SIDE - 1 - sx } else { sx };
                     for c in 0..CHANNELS {
-                        px[c] = (src[(sy * SIDE + sx) * CHANNELS + c] as f32 / 255.0 - MEAN[c]) / STD[c];
+                        px[c] = (src[(sy * SIDE + sx) * CHANNELS + c] as f32 / 255.0 - MEAN[c] as f32) / STD[c] as f32;
                     }
                 }
             }
@@ -124,26 +128,27 @@ impl Backend for Cpu {
         }
     }
 
-    fn patch_moments(&self, n: usize, x: &Vec<f32>, mut out: ViewMut<Vec<f32>>) {
+    fn patch_moments(&self, images: &HostImages, index: View<Vec<u32>>, mut out: ViewMut<Vec<f32>>) {
         let image_len = SIDE * SIDE * CHANNELS;
-        window_mut(&mut out)[..n * PATCH * PATCH].par_chunks_mut(PATCH * PATCH).zip(x[..n * image_len].par_chunks(image_len)).for_each(
-            |(acc, img)| {
-                let mut sums = [0.0f64; PATCH * PATCH];
-                let mut p = [0.0f64; PATCH];
-                for y in 0..SIDE - 1 {
-                    for xx in 0..SIDE - 1 {
-                        for (j, v) in p.iter_mut().enumerate() {
-                            let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch's (c, ky, kx) order
-                            *v = img[((y + ky) * SIDE + xx + kx) * CHANNELS + c] as f64;
-                        }
-                        for (row, &pi) in sums.chunks_exact_mut(PATCH).zip(&p) {
-                            row.iter_mut().zip(&p).for_each(|(a, &pj)| *a += pi * pj);
+        let out = &mut window_mut(&mut out)[..index.range.len() * MOMENTS];
+        out.par_chunks_mut(MOMENTS).zip(window(&index).par_iter()).for_each(|(acc, &i)| {
+            let img = &images.pixels[i as usize * image_len..(i as usize + 1) * image_len];
+            let mut sums = [0i32; MOMENTS];
+            for y in 0..SIDE - 1 {
+                for x in 0..SIDE - 1 {
+                    // PyTorch's (c, ky, kx) order, centred
+                    let q: [i32; PATCH] =
+                        std::array::from_fn(|j| img[((y + j / 2 % 2) * SIDE + x + j % 2) * CHANNELS + j / 4] as i32 - 128);
+                    for (j, &qj) in q.iter().enumerate() {
+                        sums[PATCH * PATCH + j] += qj;
+                        for (k, &qk) in q.iter().enumerate() {
+                            sums[j * PATCH + k] += qj * qk;
                         }
                     }
                 }
-                acc.iter_mut().zip(sums).for_each(|(a, s)| *a = s as f32);
-            },
-        );
+            }
+            acc.iter_mut().zip(sums).for_each(|(a, s)| *a = s as f32);
+        });
     }
 
     fn conv_forward(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {

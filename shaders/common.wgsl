@@ -1,0 +1,38 @@
+// Shared helpers, prepended to every shader family at load time.
+// Each kernel runs in workgroups of WG invocations over a 2-D grid of workgroups (a 1-D grid
+// would stop at 65535 workgroups); `flat_id` numbers the invocations 0, 1, 2, ...
+
+const WG: u32 = 256u;
+
+fn flat_id(wg: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>) -> u32 {
+    return (wg.y * nwg.x + wg.x) * WG + lid.x;
+}
+
+// erf to about 1e-7 (the rational approximation the CPU backend uses).
+fn erf_approx(x_in: f32) -> f32 {
+    let x = clamp(x_in, -4.0, 4.0);
+    let x2 = x * x;
+    var p = -2.7261423e-10;
+    p = fma(p, x2, 2.7706814e-8);
+    p = fma(p, x2, -2.101024e-6);
+    p = fma(p, x2, -5.6925066e-5);
+    p = fma(p, x2, -7.349906e-4);
+    p = fma(p, x2, -2.9546002e-3);
+    p = fma(p, x2, -1.6096034e-2);
+    var q = -1.4566072e-5;
+    q = fma(q, x2, -2.1337406e-4);
+    q = fma(q, x2, -1.682827e-3);
+    q = fma(q, x2, -7.373329e-3);
+    q = fma(q, x2, -1.426474e-2);
+    return x * p / q;
+}
+
+// GELU with the exact erf: z·Φ(z).
+fn gelu(z: f32) -> f32 {
+    return 0.5 * z * (1.0 + erf_approx(z * 0.70710678));
+}
+
+// d/dz GELU(z) = Φ(z) + z·φ(z).
+fn gelu_grad(z: f32) -> f32 {
+    return 0.5 * (1.0 + erf_approx(z * 0.70710678)) + z * 0.3989423 * exp(-0.5 * z * z);
+}

@@ -1,0 +1,325 @@
+//! Thin launchers: each `Backend` op as one or a few dispatches of the kernels in
+//! `shaders/`. Parameters are u32 words (f32 as bits) in the order of the shader's `Params`.
+
+use super::{Buf, GpuImages, Wgpu};
+use crate::backend::{Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CLASSES, MOMENTS, SIDE};
+use std::future::Future;
+
+/// Workgroups for `n` invocations of `size`, as a 2-D grid (each dimension ≤ 65535).
+fn grid(n: usize, size: usize) -> [u32; 3] {
+    let groups = n.div_ceil(size).max(1);
+    let x = groups.min(65535);
+    [x as u32, groups.div_ceil(x) as u32, 1]
+}
+
+fn f(v: f32) -> u32 {
+    v.to_bits()
+}
+
+/// The conv kernel for `channels` output channels, and its tile side: 64 (4×4 per
+/// invocation), or 16 where a 64-wide tile would be mostly idle.
+fn conv_variant(entry: &'static str, channels: usize) -> (&'static str, usize) {
+    match (entry, channels >= 64) {
+        (_, true) => (entry, 64),
+        ("forward", false) => ("forward_narrow", 16),
+        _ => ("wgrad_narrow", 16),
+    }
+}
+
+/// Rows per partial sum in the two-stage channel reductions.
+const CHUNK_ROWS: usize = 256;
+
+impl Wgpu {
+    /// conv.wgsl's parameters for shape `s` (weights at `w_off`).
+    fn conv_params(s: &ConvShape, w_off: usize, split_rows: usize, splits: usize) -> [u32; 14] {
+        let m = s.n * s.out_h() * s.out_w();
+        [s.n, s.h, s.w, s.c_in, s.c_out, s.k, s.pad, s.out_h(), s.out_w(), m, s.k * s.k * s.c_in, w_off, split_rows, splits]
+            .map(|v| v as u32)
+    }
+
+    fn conv(&self, s: &ConvShape, x: &wgpu::Buffer, w: &wgpu::Buffer, w_off: usize, y: &wgpu::Buffer) {
+        let params = Self::conv_params(s, w_off, 0, 0);
+        if !self.tiled.get() {
+            return self.run("forward_direct", &params, &[x, w, y], grid(s.n * s.out_h() * s.out_w() * s.c_out, 256));
+        }
+        let (entry, tile) = conv_variant("forward", s.c_out);
+        let tiles = (s.n * s.out_h() * s.out_w()).div_ceil(tile);
+        let x_groups = tiles.min(65535);
+        let groups = [x_groups as u32, s.c_out.div_ceil(tile) as u32, tiles.div_ceil(x_groups) as u32];
+        self.run(entry, &params, &[x, w, y], groups);
+    }
+
+    /// norm.wgsl's parameters.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_params(rows: usize, c: usize, pool: Option<&PoolBnShape>, off0: usize, off1: usize, momentum: f32, eps: f32) -> [u32; 14] {
+        let (n, h, w, p, oh, ow) = pool.map_or((0, 0, 0, 1, 0, 0), |s| (s.n, s.h, s.w, s.pool, s.out_h(), s.out_w()));
+        let chunks = rows.div_ceil(CHUNK_ROWS);
+        let words = [rows, c, n, h, w, p, oh, ow, off0, off1, CHUNK_ROWS, chunks].map(|v| v as u32);
+        let mut out = [0u32; 14];
+        out[..12].copy_from_slice(&words);
+        out[12] = f(momentum);
+        out[13] = f(eps);
+        out
+    }
+
+    /// Groups for a `partials_*` kernel over (rows, c), and the partial-sum scratch.
+    fn partials(&self, rows: usize, c: usize) -> ([u32; 3], wgpu::Buffer) {
+        let chunks = rows.div_ceil(CHUNK_ROWS);
+        ([chunks as u32, c.div_ceil(64) as u32, 1], self.scratch("channel partials", chunks * c * 2))
+    }
+
+    fn per_channel(c: usize) -> [u32; 3] {
+        [c.div_ceil(64) as u32, 1, 1]
+    }
+
+    fn pool(&self, s: &PoolBnShape, entry: &'static str, bufs: &[&wgpu::Buffer]) {
+        let n = if entry == "max_pool_fwd" { s.n * s.out_h() * s.out_w() * s.c } else { s.n * s.h * s.w * s.c };
+        self.run(entry, &Self::norm_params(0, s.c, Some(s), 0, 0, 0.0, 0.0), bufs, grid(n, 256));
+    }
+
+    fn optim(&self, entry: &'static str, len: usize, offs: [usize; 3], scalars: [f32; 4], bufs: &[&wgpu::Buffer]) {
+        let params =
+            [len as u32, offs[0] as u32, offs[1] as u32, offs[2] as u32, f(scalars[0]), f(scalars[1]), f(scalars[2]), f(scalars[3])];
+        self.run(entry, &params, bufs, grid(len, 256));
+    }
+
+    fn head_params(n: usize, c_in: usize, c_out: usize, off: usize, write_grad: bool, scale: f32, smoothing: f32) -> [u32; 7] {
+        [n as u32, c_in as u32, c_out as u32, off as u32, write_grad as u32, f(scale), f(smoothing)]
+    }
+}
+
+impl Backend for Wgpu {
+    type Tensor = Buf;
+    type Index = Buf;
+    type Images = GpuImages;
+
+    fn name(&self) -> &'static str {
+        "wgpu"
+    }
+
+    fn device_name(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+
+    fn max_tensor_len(&self) -> usize {
+        (self.max_binding / 4) as usize
+    }
+
+    fn zeros(&self, len: usize) -> Buf {
+        self.buffer(len, "tensor") // wgpu zero-initialises every buffer
+    }
+
+    fn index_zeros(&self, len: usize) -> Buf {
+        self.buffer(len, "index")
+    }
+
+    fn upload(&self, dst: ViewMut<Buf>, src: &[f32]) {
+        assert_eq!(dst.range.len(), src.len());
+        self.write(dst.buf, dst.range.start, bytemuck::cast_slice(src));
+    }
+
+    fn upload_index(&self, dst: ViewMut<Buf>, src: &[u32]) {
+        assert_eq!(dst.range.len(), src.len());
+        self.write(dst.buf, dst.range.start, bytemuck::cast_slice(src));
+    }
+
+    fn upload_images(&self, pixels: &[u8], labels: &[u8]) -> GpuImages {
+        let per_part = (self.max_binding as usize / (SIDE * SIDE * 3)).max(1);
+        self.upload_images_split(pixels, labels, per_part).unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    fn copy(&self, src: View<Buf>, dst: ViewMut<Buf>) {
+        assert_eq!(src.range.len(), dst.range.len());
+        self.optim("copy", dst.range.len(), [dst.range.start, src.range.start, 0], [0.0; 4], &[&src.buf.buffer, &dst.buf.buffer]);
+    }
+
+    fn fill(&self, dst: ViewMut<Buf>, value: f32) {
+        self.optim("fill", dst.range.len(), [dst.range.start, 0, 0], [0.0, 0.0, 0.0, value], &[&dst.buf.buffer]);
+    }
+
+    async fn read(&self, src: View<'_, Buf>) -> Vec<f32> {
+        bytemuck::cast_slice(&self.read_words(&src.buf.buffer, src.range).await).to_vec()
+    }
+
+    fn sync(&self) -> impl Future<Output = ()> {
+        self.sync_impl()
+    }
+
+    fn load_batch(&self, images: &GpuImages, index: View<Buf>, crops: View<Buf>, x: &mut Buf, labels: &mut Buf) {
+        let n = index.range.len();
+        let params = [n, index.range.start, crops.range.start, images.split].map(|v| v as u32);
+        let bufs = [
+            &images.parts[0].buffer,
+            &images.parts[1].buffer,
+            &images.labels.buffer,
+            &index.buf.buffer,
+            &crops.buf.buffer,
+            &x.buffer,
+            &labels.buffer,
+        ];
+        self.run("load_batch", &params, &bufs, grid(n * SIDE * SIDE * 3, 256));
+    }
+
+    fn patch_moments(&self, images: &GpuImages, index: View<Buf>, out: ViewMut<Buf>) {
+        let n = index.range.len();
+        assert!(out.range.start.is_multiple_of(MOMENTS) && out.range.len() >= n * MOMENTS);
+        let params = [n, index.range.start, out.range.start / MOMENTS, images.split].map(|v| v as u32);
+        let bufs = [&images.parts[0].buffer, &images.parts[1].buffer, &index.buf.buffer, &out.buf.buffer];
+        let x_groups = n.clamp(1, 65535);
+        self.run("patch_moments", &params, &bufs, [x_groups as u32, n.div_ceil(x_groups) as u32, 1]);
+    }
+
+    fn conv_forward(&self, s: ConvShape, x: &Buf, w: View<Buf>, y: &mut Buf) {
+        self.conv(&s, &x.buffer, &w.buf.buffer, w.range.start, &y.buffer);
+    }
+
+    fn conv_backward_data(&self, s: ConvShape, dy: &Buf, w: View<Buf>, dx: &mut Buf) {
+        let len = s.c_out * s.k * s.k * s.c_in;
+        let rotated = self.scratch("rotated kernel", len);
+        self.run("rotate", &Self::conv_params(&s, w.range.start, 0, 0), &[&w.buf.buffer, &rotated], grid(len, 256));
+        let t = ConvShape { n: s.n, h: s.out_h(), w: s.out_w(), c_in: s.c_out, c_out: s.c_in, k: s.k, pad: s.k - 1 - s.pad };
+        self.conv(&t, &dy.buffer, &rotated, 0, &dx.buffer);
+    }
+
+    fn conv_backward_filter(&self, s: ConvShape, x: &Buf, dy: &Buf, dw: ViewMut<Buf>) {
+        let (m, kdim) = (s.n * s.out_h() * s.out_w(), s.k * s.k * s.c_in);
+        let (entry, tile) = if self.tiled.get() { conv_variant("wgrad", s.c_out) } else { ("wgrad_direct", 1) };
+        let tiles = s.c_out.div_ceil(tile) * kdim.div_ceil(tile);
+        // Split the sum over pixels so that at least about 2048 workgroups (tiled) or
+        // invocations (direct) run, and no f32 running sum covers more than 4096 pixels.
+        let wanted = 2048usize.div_ceil(tiles).max(m.div_ceil(4096)).clamp(1, m.div_ceil(16));
+        let split_rows = m.div_ceil(wanted).div_ceil(16) * 16;
+        let splits = m.div_ceil(split_rows);
+        let partials = self.scratch("wgrad partials", splits * s.c_out * kdim);
+        let params = Self::conv_params(&s, dw.range.start, split_rows, splits);
+        let groups = if self.tiled.get() {
+            [s.c_out.div_ceil(tile) as u32, kdim.div_ceil(tile) as u32, splits as u32]
+        } else {
+            grid(splits * s.c_out * kdim, 256)
+        };
+        self.run(entry, &params, &[&x.buffer, &dy.buffer, &partials], groups);
+        self.run("reduce_splits", &params, &[&dw.buf.buffer, &partials], grid(s.c_out * kdim, 256));
+    }
+
+    fn bias_gelu_forward(&self, pixels: usize, c: usize, z: &mut Buf, bias: View<Buf>, a: &mut Buf) {
+        let params = Self::norm_params(pixels, c, None, bias.range.start, 0, 0.0, 0.0);
+        self.run("bias_gelu_fwd", &params, &[&bias.buf.buffer, &z.buffer, &a.buffer], grid(pixels * c, 256));
+    }
+
+    fn bias_gelu_backward(&self, pixels: usize, c: usize, z: &Buf, da: &Buf, dbias: ViewMut<Buf>) {
+        let params = Self::norm_params(pixels, c, None, dbias.range.start, 0, 0.0, 0.0);
+        let (groups, part) = self.partials(pixels, c);
+        self.run("partials_gelu_grad", &params, &[&z.buffer, &da.buffer, &part], groups);
+        self.run("finalize_sum", &params, &[&dbias.buf.buffer, &part], Self::per_channel(c));
+    }
+
+    fn pool_bn_gelu_forward(
+        &self,
+        s: PoolBnShape,
+        mode: BnMode,
+        y: &Buf,
+        beta: View<Buf>,
+        running: ViewMut<Buf>,
+        z: &mut Buf,
+        a: &mut Buf,
+        saved: &mut Buf,
+    ) {
+        let (c, rows) = (s.c, s.n * s.out_h() * s.out_w());
+        self.pool(&s, "max_pool_fwd", &[&y.buffer, &z.buffer]);
+        match mode {
+            BnMode::Train { momentum, eps } => {
+                let params = Self::norm_params(rows, c, None, beta.range.start, running.range.start, momentum, eps);
+                let (groups, part) = self.partials(rows, c);
+                self.run("partials_sum", &params, &[&z.buffer, &part], groups);
+                self.run("finalize_mean", &params, &[&saved.buffer, &part], Self::per_channel(c));
+                self.run("partials_sqdev", &params, &[&z.buffer, &saved.buffer, &part], groups);
+                self.run("finalize_var", &params, &[&saved.buffer, &running.buf.buffer, &part], Self::per_channel(c));
+            }
+            BnMode::Eval { eps } => {
+                let params = Self::norm_params(rows, c, None, 0, running.range.start, 0.0, eps);
+                self.run("eval_stats", &params, &[&running.buf.buffer, &saved.buffer], Self::per_channel(c));
+            }
+        }
+        let params = Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0);
+        self.run("bn_gelu_apply", &params, &[&saved.buffer, &beta.buf.buffer, &z.buffer, &a.buffer], grid(rows * c, 256));
+    }
+
+    fn pool_bn_gelu_backward(
+        &self,
+        s: PoolBnShape,
+        y: &Buf,
+        z: &Buf,
+        saved: &Buf,
+        beta: View<Buf>,
+        da: &mut Buf,
+        dy: &mut Buf,
+        dbeta: ViewMut<Buf>,
+    ) {
+        let (c, rows) = (s.c, s.n * s.out_h() * s.out_w());
+        let (groups, part) = self.partials(rows, c);
+        let means = self.scratch("bn backward means", 2 * c);
+        let params = Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0);
+        self.run("partials_bn_bwd", &params, &[&z.buffer, &beta.buf.buffer, &da.buffer, &part], groups);
+        let finalize = Self::norm_params(rows, c, None, dbeta.range.start, 0, 0.0, 0.0);
+        self.run("finalize_bn_bwd", &finalize, &[&dbeta.buf.buffer, &means, &part], Self::per_channel(c));
+        self.run("bn_bwd_apply", &params, &[&z.buffer, &beta.buf.buffer, &saved.buffer, &da.buffer, &means], grid(rows * c, 256));
+        self.pool(&s, "max_pool_bwd", &[&y.buffer, &da.buffer, &dy.buffer]);
+    }
+
+    fn max_pool_forward(&self, s: PoolBnShape, x: &Buf, y: &mut Buf) {
+        self.pool(&s, "max_pool_fwd", &[&x.buffer, &y.buffer]);
+    }
+
+    fn max_pool_backward(&self, s: PoolBnShape, x: &Buf, dy: &Buf, dx: &mut Buf) {
+        self.pool(&s, "max_pool_bwd", &[&x.buffer, &dy.buffer, &dx.buffer]);
+    }
+
+    fn linear_forward(&self, n: usize, c_in: usize, c_out: usize, scale: f32, x: &Buf, w: View<Buf>, y: &mut Buf) {
+        let params = Self::head_params(n, c_in, c_out, w.range.start, false, scale, 0.0);
+        self.run("linear_fwd", &params, &[&x.buffer, &w.buf.buffer, &y.buffer], grid(n * c_out, 256));
+    }
+
+    fn linear_backward(
+        &self,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        scale: f32,
+        x: &Buf,
+        w: View<Buf>,
+        dy: &Buf,
+        dx: &mut Buf,
+        dw: ViewMut<Buf>,
+    ) {
+        let params = Self::head_params(n, c_in, c_out, w.range.start, false, scale, 0.0);
+        self.run("linear_bwd_data", &params, &[&dy.buffer, &w.buf.buffer, &dx.buffer], grid(n * c_in, 256));
+        let params = Self::head_params(n, c_in, c_out, dw.range.start, false, scale, 0.0);
+        self.run("linear_bwd_filter", &params, &[&dy.buffer, &x.buffer, &dw.buf.buffer], grid(c_out * c_in, 256));
+    }
+
+    fn cross_entropy(&self, n: usize, smoothing: f32, logits: &Buf, labels: &Buf, dlogits: Option<&mut Buf>, stats: &mut Buf) {
+        let groups = grid(n, 256);
+        let count = (groups[0] * groups[1]) as usize;
+        let part = self.scratch("loss partials", 2 * count);
+        let unused = (dlogits.is_none()).then(|| self.scratch("unused gradient", n * CLASSES));
+        let grad = dlogits.map_or_else(|| unused.as_ref().expect("made above"), |d| &d.buffer);
+        let params = Self::head_params(n, 0, CLASSES, count, unused.is_none(), 0.0, smoothing);
+        self.run("cross_entropy", &params, &[&logits.buffer, &labels.buffer, grad, &part], groups);
+        self.run("cross_entropy_total", &params, &[&stats.buffer, &part], [1, 1, 1]);
+    }
+
+    fn axpy(&self, alpha: f32, x: View<Buf>, y: ViewMut<Buf>) {
+        assert_eq!(x.range.len(), y.range.len());
+        self.optim("axpy", y.range.len(), [y.range.start, x.range.start, 0], [0.0, 0.0, 0.0, alpha], &[&x.buf.buffer, &y.buf.buffer]);
+    }
+
+    fn sgd_step(&self, p: ViewMut<Buf>, g: View<Buf>, m: ViewMut<Buf>, lr: f32, wd: f32, momentum: f32) {
+        let offs = [p.range.start, g.range.start, m.range.start];
+        self.optim("sgd", p.range.len(), offs, [lr, wd, momentum, 0.0], &[&g.buf.buffer, &p.buf.buffer, &m.buf.buffer]);
+    }
+
+    fn lookahead(&self, decay: f32, ema: ViewMut<Buf>, net: ViewMut<Buf>) {
+        let offs = [ema.range.start, net.range.start, 0];
+        self.optim("lookahead", ema.range.len(), offs, [0.0, 0.0, 0.0, decay], &[&ema.buf.buffer, &net.buf.buffer]);
+    }
+}

@@ -1,0 +1,448 @@
+//! The WGSL backend: every op is a compute shader from `shaders/*.wgsl` (one file per layer
+//! family, with `shaders/common.wgsl` prepended), run through wgpu on Vulkan, Metal, DX12 or
+//! the browser's WebGPU. f32 throughout, NHWC, as the CPU reference.
+//!
+//! How a step runs: every op records its dispatches into one open command encoder; nothing
+//! waits for the device until `read` or `sync`. Pipelines are built once at start-up, bind
+//! groups once per distinct set of buffers (then reused every step), and each dispatch's
+//! parameters go into a 256-byte slot of one uniform ring buffer, selected with a dynamic
+//! offset and written once per submission.
+
+mod launch;
+
+use anyhow::{anyhow, bail, Result};
+use std::borrow::Cow;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ops::Range;
+
+/// A device buffer of f32 or u32 values.
+pub struct Buf {
+    buffer: wgpu::Buffer,
+    len: usize,
+}
+
+/// The dataset on the device: u8 NHWC images packed four to a u32, split into two bindings
+/// (images `[0, split)` and `[split, n)`) so each stays under the storage-binding limit.
+pub struct GpuImages {
+    parts: [Buf; 2],
+    labels: Buf,
+    split: usize,
+}
+
+/// One shader family: its source (after `common.wgsl` and `preamble`), which storage
+/// bindings it declares read-only, and each entry point with the bindings it uses (binding 0
+/// is always the parameter slot). Kernels are named entry point + `suffix`.
+struct Family {
+    name: &'static str,
+    preamble: &'static str,
+    suffix: &'static str,
+    source: &'static str,
+    read_only: &'static [u32],
+    entries: &'static [(&'static str, &'static [u32])],
+}
+
+const COMMON: &str = include_str!("../../../shaders/common.wgsl");
+
+const CONV_ENTRIES: &[(&str, &[u32])] = &[
+    ("forward", &[1, 2, 3]),
+    ("rotate", &[2, 5]),
+    ("wgrad", &[1, 4, 5]),
+    ("reduce_splits", &[3, 5]),
+    ("forward_direct", &[1, 2, 3]),
+    ("wgrad_direct", &[1, 4, 5]),
+];
+
+const FAMILIES: [Family; 6] = [
+    // 64×64 output tiles, 4×4 per invocation.
+    Family {
+        name: "conv.wgsl",
+        preamble: "const R: u32 = 4u;",
+        suffix: "",
+        source: include_str!("../../../shaders/conv.wgsl"),
+        read_only: &[1, 2, 4],
+        entries: CONV_ENTRIES,
+    },
+    // 16×16 output tiles for layers with fewer than 64 output channels.
+    Family {
+        name: "conv.wgsl (narrow)",
+        preamble: "const R: u32 = 1u;",
+        suffix: "_narrow",
+        source: include_str!("../../../shaders/conv.wgsl"),
+        read_only: &[1, 2, 4],
+        entries: CONV_ENTRIES,
+    },
+    Family {
+        name: "norm.wgsl",
+        preamble: "",
+        suffix: "",
+        source: include_str!("../../../shaders/norm.wgsl"),
+        read_only: &[1, 2, 3],
+        entries: &[
+            ("bias_gelu_fwd", &[1, 4, 5]),
+            ("max_pool_fwd", &[1, 4]),
+            ("max_pool_bwd", &[1, 2, 4]),
+            ("partials_sum", &[1, 6]),
+            ("partials_sqdev", &[1, 2, 6]),
+            ("partials_gelu_grad", &[1, 2, 6]),
+            ("partials_bn_bwd", &[1, 2, 4, 6]),
+            ("finalize_sum", &[4, 6]),
+            ("finalize_mean", &[4, 6]),
+            ("finalize_var", &[4, 5, 6]),
+            ("eval_stats", &[1, 4]),
+            ("finalize_bn_bwd", &[4, 5, 6]),
+            ("bn_gelu_apply", &[1, 2, 4, 5]),
+            ("bn_bwd_apply", &[1, 2, 3, 4, 5]),
+        ],
+    },
+    Family {
+        name: "head.wgsl",
+        preamble: "",
+        suffix: "",
+        source: include_str!("../../../shaders/head.wgsl"),
+        read_only: &[1, 2, 3],
+        entries: &[
+            ("linear_fwd", &[1, 2, 4]),
+            ("linear_bwd_data", &[1, 2, 4]),
+            ("linear_bwd_filter", &[1, 2, 4]),
+            ("cross_entropy", &[1, 3, 4, 6]),
+            ("cross_entropy_total", &[5, 6]),
+        ],
+    },
+    Family {
+        name: "optim.wgsl",
+        preamble: "",
+        suffix: "",
+        source: include_str!("../../../shaders/optim.wgsl"),
+        read_only: &[1],
+        entries: &[("sgd", &[1, 2, 3]), ("lookahead", &[2, 3]), ("axpy", &[1, 2]), ("fill", &[2]), ("copy", &[1, 2])],
+    },
+    Family {
+        name: "data.wgsl",
+        preamble: "",
+        suffix: "",
+        source: include_str!("../../../shaders/data.wgsl"),
+        read_only: &[1, 2, 3, 4, 5],
+        entries: &[("load_batch", &[1, 2, 3, 4, 5, 6, 7]), ("patch_moments", &[1, 2, 4, 8])],
+    },
+];
+
+/// Bytes of one dispatch's parameter slot (the uniform offset alignment WebGPU guarantees).
+const PARAM_SLOT: usize = 256;
+/// Parameter slots per submission.
+const RING_SLOTS: usize = 4096;
+
+struct Kernel {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+    slots: &'static [u32],
+}
+
+#[derive(Default)]
+struct State {
+    encoder: Option<wgpu::CommandEncoder>,
+    params: Vec<u8>, // the parameter slots of the open encoder
+    bind_groups: HashMap<(String, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+    scratch: HashMap<&'static str, Buf>,
+}
+
+pub struct Wgpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    max_binding: u64,
+    kernels: HashMap<String, Kernel>,
+    ring: wgpu::Buffer,
+    state: RefCell<State>,
+    /// Convolutions with workgroup-memory tiling (GPUs) or direct (CPU-emulated adapters).
+    tiled: std::cell::Cell<bool>,
+}
+
+/// The adapter wgpu picks (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` etc. steer it), preferring a
+/// high-performance GPU.
+pub async fn default_adapter() -> Result<wgpu::Adapter> {
+    let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let options = wgpu::RequestAdapterOptions { power_preference: wgpu::PowerPreference::HighPerformance, ..Default::default() };
+    instance.request_adapter(&options).await.map_err(|e| {
+        anyhow!("wgpu found no adapter ({e}); install a GPU driver with Vulkan, Metal or DX12 (on Linux without a GPU: mesa-vulkan-drivers, for lavapipe)")
+    })
+}
+
+/// Every adapter wgpu can see, for `speedrun info`.
+pub async fn all_adapters() -> Vec<wgpu::Adapter> {
+    wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env()).enumerate_adapters(wgpu::Backends::all()).await
+}
+
+impl Wgpu {
+    /// A device on the default adapter, with every pipeline built.
+    pub async fn new() -> Result<Wgpu> {
+        Wgpu::on(default_adapter().await?).await
+    }
+
+    /// A device on `adapter`. Asks for the WebGPU default limits, raised to the adapter's
+    /// buffer-size limits (activations at batch 1024 exceed the default 128 MiB binding).
+    pub async fn on(adapter: wgpu::Adapter) -> Result<Wgpu> {
+        let have = adapter.limits();
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
+            max_buffer_size: have.max_buffer_size,
+            ..wgpu::Limits::defaults()
+        };
+        let descriptor = wgpu::DeviceDescriptor { label: Some("speedrun"), required_limits: limits, ..Default::default() };
+        let (device, queue) = adapter.request_device(&descriptor).await.map_err(|e| anyhow!("cannot open the wgpu device: {e}"))?;
+        let kernels = build_kernels(&device);
+        let ring = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("parameter ring"),
+            size: (PARAM_SLOT * RING_SLOTS) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let max_binding = have.max_storage_buffer_binding_size.min(have.max_buffer_size);
+        let info = adapter.get_info();
+        let tiled = info.device_type != wgpu::DeviceType::Cpu;
+        Ok(Wgpu { device, queue, info, max_binding, kernels, ring, state: RefCell::default(), tiled: std::cell::Cell::new(tiled) })
+    }
+
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// Chooses the tiled convolution kernels (the default on GPUs) or the direct ones (the
+    /// default on CPU-emulated adapters); tests and benchmarks run both.
+    pub fn set_tiled_convolutions(&self, tiled: bool) {
+        self.tiled.set(tiled);
+    }
+
+    fn buffer(&self, len: usize, label: &str) -> Buf {
+        let bytes = (len.max(1) * 4) as u64;
+        assert!(
+            bytes <= self.max_binding,
+            "a {label} buffer of {bytes} bytes exceeds this adapter's binding limit of {} bytes",
+            self.max_binding
+        );
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer =
+            self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: bytes, usage, mapped_at_creation: false });
+        Buf { buffer, len }
+    }
+
+    fn write(&self, dst: &Buf, offset: usize, data: &[u8]) {
+        assert!(offset * 4 + data.len() <= dst.len.max(1) * 4, "upload past the end of a buffer");
+        self.flush(); // work already recorded must see the old contents
+        if !data.is_empty() {
+            self.queue.write_buffer(&dst.buffer, (offset * 4) as u64, data);
+        }
+    }
+
+    /// An internal buffer named `name` of at least `len` values, grown (rarely) on demand.
+    fn scratch(&self, name: &'static str, len: usize) -> wgpu::Buffer {
+        if let Some(b) = self.state.borrow().scratch.get(name).filter(|b| b.len >= len) {
+            return b.buffer.clone();
+        }
+        let fresh = self.buffer(len, name);
+        let buffer = fresh.buffer.clone();
+        self.state.borrow_mut().scratch.insert(name, fresh);
+        buffer
+    }
+
+    /// Records one dispatch of `entry` with `params` (u32 words; f32 as bits) over
+    /// `groups` workgroups, binding `bufs` to the entry's bindings in order.
+    fn run(&self, entry: &str, params: &[u32], bufs: &[&wgpu::Buffer], groups: [u32; 3]) {
+        let kernel = &self.kernels[entry];
+        assert_eq!(bufs.len(), kernel.slots.len(), "{entry}: wrong number of buffers");
+        if groups.contains(&0) {
+            return;
+        }
+        if self.state.borrow().params.len() + PARAM_SLOT > PARAM_SLOT * RING_SLOTS {
+            self.flush();
+        }
+        let mut st = self.state.borrow_mut();
+        let offset = st.params.len() as u32;
+        let mut slot = [0u8; PARAM_SLOT];
+        for (dst, word) in slot.chunks_exact_mut(4).zip(params) {
+            dst.copy_from_slice(&word.to_le_bytes());
+        }
+        st.params.extend_from_slice(&slot);
+        let key = (entry.to_string(), bufs.iter().map(|&b| b.clone()).collect::<Vec<_>>());
+        if !st.bind_groups.contains_key(&key) {
+            let mut entries = vec![wgpu::BindGroupEntry {
+                binding: 0,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: &self.ring,
+                    offset: 0,
+                    size: wgpu::BufferSize::new(PARAM_SLOT as u64),
+                }),
+            }];
+            entries.extend(
+                kernel.slots.iter().zip(bufs).map(|(&binding, b)| wgpu::BindGroupEntry { binding, resource: b.as_entire_binding() }),
+            );
+            let bg =
+                self.device.create_bind_group(&wgpu::BindGroupDescriptor { label: Some(entry), layout: &kernel.layout, entries: &entries });
+            st.bind_groups.insert(key.clone(), bg);
+        }
+        let st = &mut *st;
+        let encoder = st.encoder.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+        pass.set_pipeline(&kernel.pipeline);
+        pass.set_bind_group(0, &st.bind_groups[&key], &[offset]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+
+    /// Submits the recorded work (with its parameter slots).
+    fn flush(&self) {
+        let mut st = self.state.borrow_mut();
+        if let Some(encoder) = st.encoder.take() {
+            self.queue.write_buffer(&self.ring, 0, &st.params);
+            st.params.clear();
+            self.queue.submit([encoder.finish()]);
+        }
+    }
+
+    /// Reads `range` (in 4-byte values) of `src` back once all recorded work is done.
+    async fn read_words(&self, src: &wgpu::Buffer, range: Range<usize>) -> Vec<u8> {
+        if range.is_empty() {
+            return Vec::new();
+        }
+        self.flush();
+        let bytes = (range.len() * 4) as u64;
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("readback"),
+            size: bytes,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = self.device.create_command_encoder(&Default::default());
+        encoder.copy_buffer_to_buffer(src, (range.start * 4) as u64, &staging, 0, bytes);
+        self.queue.submit([encoder.finish()]);
+        let (tx, rx) = futures_channel::oneshot::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait();
+        rx.await.expect("the map callback ran").expect("mapping the readback buffer");
+        let data = staging.get_mapped_range(..).expect("mapped").to_vec();
+        staging.unmap();
+        data
+    }
+
+    /// Native: block until the device is idle (callbacks fire). The web: a no-op, the
+    /// browser's event loop runs the callbacks while the caller awaits.
+    fn wait(&self) {
+        #[cfg(not(target_arch = "wasm32"))]
+        self.device.poll(wgpu::PollType::wait_indefinitely()).expect("the device stopped responding");
+    }
+
+    async fn sync_impl(&self) {
+        self.flush();
+        let (tx, rx) = futures_channel::oneshot::channel();
+        self.queue.on_submitted_work_done(move || {
+            let _ = tx.send(());
+        });
+        self.wait();
+        rx.await.expect("the work-done callback ran");
+    }
+
+    /// The dataset in two bindings of at most `per_part` images each.
+    fn upload_images_split(&self, pixels: &[u8], labels: &[u8], per_part: usize) -> Result<GpuImages> {
+        const IMAGE: usize = 3072;
+        let n = labels.len();
+        if n > 2 * per_part {
+            bail!("{n} images do not fit two storage bindings of {per_part} images on this adapter");
+        }
+        let split = n.min(per_part);
+        let part = |images: Range<usize>| {
+            let bytes = &pixels[images.start * IMAGE..images.end * IMAGE];
+            let buf = self.buffer(bytes.len() / 4, "images");
+            self.write(&buf, 0, bytes);
+            buf
+        };
+        let words: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+        let label_buf = self.buffer(n, "labels");
+        self.write(&label_buf, 0, bytemuck::cast_slice(&words));
+        Ok(GpuImages { parts: [part(0..split), part(split..n)], labels: label_buf, split })
+    }
+}
+
+fn build_kernels(device: &wgpu::Device) -> HashMap<String, Kernel> {
+    let mut kernels = HashMap::new();
+    for family in &FAMILIES {
+        let source = format!("{COMMON}\n{}\n{}", family.preamble, family.source);
+        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(family.name),
+            source: wgpu::ShaderSource::Wgsl(Cow::Owned(source)),
+        });
+        for &(entry, slots) in family.entries {
+            let mut layout_entries = vec![wgpu::BindGroupLayoutEntry {
+                binding: 0,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Uniform,
+                    has_dynamic_offset: true,
+                    min_binding_size: wgpu::BufferSize::new(PARAM_SLOT as u64),
+                },
+                count: None,
+            }];
+            layout_entries.extend(slots.iter().map(|&binding| wgpu::BindGroupLayoutEntry {
+                binding,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage { read_only: family.read_only.contains(&binding) },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }));
+            let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some(entry), entries: &layout_entries });
+            let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(entry),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+            let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(entry),
+                layout: Some(&pipeline_layout),
+                module: &module,
+                entry_point: Some(entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+            let name = format!("{entry}{}", family.suffix);
+            assert!(kernels.insert(name, Kernel { pipeline, layout, slots }).is_none(), "kernel {entry}{} defined twice", family.suffix);
+        }
+    }
+    kernels
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, Crop};
+
+    /// Batches gathered across the two image bindings equal the CPU's.
+    #[test]
+    fn images_split_across_two_bindings() {
+        let Ok(gpu) = block_on(Wgpu::new()) else {
+            eprintln!("SKIPPED: no wgpu adapter");
+            assert!(std::env::var_os("SPEEDRUN_REQUIRE_WGPU").is_none(), "SPEEDRUN_REQUIRE_WGPU is set but there is no adapter");
+            return;
+        };
+        let pixels: Vec<u8> = (0..5 * 3072).map(|i| (i * 13 % 256) as u8).collect();
+        let labels = [1u8, 2, 3, 4, 5];
+        let images = gpu.upload_images_split(&pixels, &labels, 3).unwrap();
+        assert_eq!((images.split, images.parts[1].len), (3, 2 * 3072 / 4));
+        let index = [4u32, 0, 2, 3];
+        let crops: Vec<u32> = [Crop { dy: 1, dx: -2, flip: true }, Crop::IDENTITY, Crop { dy: -3, dx: 3, flip: false }, Crop::IDENTITY]
+            .map(|c| c.pack())
+            .to_vec();
+        let (mut ti, mut tc, mut x, mut l) = (gpu.index_zeros(4), gpu.index_zeros(4), gpu.zeros(4 * 3072), gpu.index_zeros(4));
+        gpu.upload_index(all_mut(&mut ti, 4), &index);
+        gpu.upload_index(all_mut(&mut tc, 4), &crops);
+        gpu.load_batch(&images, all(&ti, 4), all(&tc, 4), &mut x, &mut l);
+        let cpu = Cpu::new();
+        let (mut cx, mut cl) = (cpu.zeros(4 * 3072), cpu.index_zeros(4));
+        cpu.load_batch(&cpu.upload_images(&pixels, &labels), all(&index.to_vec(), 4), all(&crops, 4), &mut cx, &mut cl);
+        assert_eq!(block_on(gpu.read(all(&x, 4 * 3072))), cx);
+        let label_words: Vec<u32> = bytemuck::cast_slice(&block_on(gpu.read_words(&l.buffer, 0..4))).to_vec();
+        assert_eq!(label_words, cl);
+    }
+}
