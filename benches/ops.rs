@@ -1,7 +1,8 @@
 //! Per-op timings of one airbench94 training step at full width, and whole-step images/s:
 //! where the time of a step goes, per backend.
 //!
-//! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --w1 64 --w2 256 --w3 256]` (defaults: batch
+//! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
+//! --w1 64 --w2 256 --w3 256]` (defaults: batch
 //! 64, 3 repetitions, every backend; each op is timed after one untimed warm-up call,
 //! synchronised before and after).
 
@@ -10,9 +11,13 @@ use speedrun::model::{layers, Layout, Net};
 use speedrun::rng::Rng;
 use std::time::Instant;
 
-fn arg(name: &str, default: usize) -> usize {
+fn arg_str(name: &str, default: &str) -> String {
     let args: Vec<String> = std::env::args().collect();
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default, |v| v.parse().expect("a number"))
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).map_or(default.to_string(), |v| v.clone())
+}
+
+fn arg(name: &str, default: usize) -> usize {
+    arg_str(name, &default.to_string()).parse().expect("a number")
 }
 
 /// Mean seconds per call of `f`, after one warm-up call.
@@ -34,7 +39,7 @@ fn random<B: Backend>(b: &B, len: usize, rng: &mut Rng) -> B::Tensor {
 }
 
 fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
-    println!("backend {} on {}; batch {n}; {reps} reps", b.name(), b.device_name());
+    println!("backend {} on {}; batch {n}; widths {widths:?}; {reps} reps", b.name(), b.device_name());
     println!("{:<28} {:>10} {:>10}", "op", "ms", "GFLOP/s");
     let mut rng = Rng::new(0);
     let row = |name: &str, secs: f64, flops: f64| {
@@ -106,15 +111,25 @@ fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
 fn main() {
     let (n, reps) = (arg("--batch", 64), arg("--reps", 3));
     let widths = [arg("--w1", 64), arg("--w2", 256), arg("--w3", 256)];
-    let args: Vec<String> = std::env::args().collect();
-    let which = args.iter().position(|a| a == "--backend").and_then(|i| args.get(i + 1)).map_or("all", |s| s.as_str()).to_string();
+    let which = arg_str("--backend", "all");
     if which == "cpu" || which == "all" {
         bench(&Cpu::new(), n, reps, widths);
     }
     #[cfg(feature = "wgpu")]
     if which == "wgpu" || which == "all" {
         match block_on(speedrun::backend::wgpu::Wgpu::new()) {
-            Ok(gpu) => bench(&gpu, n, reps, widths),
+            Ok(gpu) => {
+                let variants: &[bool] = match arg_str("--conv", "both").as_str() {
+                    "tiled" => &[true],
+                    "direct" => &[false],
+                    _ => &[true, false],
+                };
+                for &tiled in variants {
+                    gpu.set_tiled_convolutions(tiled);
+                    println!("\nwgpu convolutions: {}", if tiled { "tiled (the GPU path)" } else { "direct (the CPU-adapter path)" });
+                    bench(&gpu, n, reps, widths);
+                }
+            }
             Err(e) => println!("wgpu: skipped ({e:#})"),
         }
     }

@@ -3,11 +3,12 @@
 //   forward:  y[m, o]  = Σ_k A[m, k] · W[o, k]        A = the patches of x, gathered on the fly
 //   dgrad:    forward of dy with the rotated, channel-swapped kernel (`rotate`)
 //   wgrad:    dW[o, k] = Σ_m dy[m, o] · A[m, k]        split over m, then `reduce_splits`
-// Workgroups of 16×16 invocations compute T×T output tiles, each invocation an R×R register
-// block, from 16-deep slices of A and W staged in workgroup memory (8 KiB for R = 4).
-// R comes from the preamble: 4 for wide layers, 1 where fewer than 64 channels would leave
-// most of a 64-wide tile idle. Index arithmetic (integer division is slow everywhere) is
-// done once per invocation and then stepped, not redone per element.
+// Tiled kernels (GPUs, layers of 64 or more output channels): workgroups of 16×16
+// invocations compute 64×64 output tiles from 16-deep slices staged in workgroup memory
+// (8 KiB); each invocation accumulates a 4×4 block in four vec4 registers, reading one vec4
+// from each tile per step. Direct kernels (narrower layers, CPU-emulated adapters): one
+// output per invocation, no workgroup memory. Index arithmetic (integer division is slow
+// everywhere) is done once per invocation and then stepped.
 
 struct Params {
     n: u32, h: u32, w: u32, c_in: u32,
@@ -23,11 +24,11 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dy: array<f32>;           // wgrad: (m_total, c_out)
 @group(0) @binding(5) var<storage, read_write> scratch: array<f32>; // rotated kernel, or wgrad partials
 
-const T: u32 = 16u * R; // output tile side
-const TK: u32 = 16u;    // reduction slice
+const T: u32 = 64u;  // output tile side
+const TK: u32 = 16u; // reduction slice
 
-var<workgroup> tile_a: array<f32, TK * T>; // [TK][T]
-var<workgroup> tile_b: array<f32, TK * T>; // [TK][T]
+var<workgroup> tile_a: array<vec4<f32>, 256>; // [TK][T / 4]: the rows of the output tile
+var<workgroup> tile_b: array<vec4<f32>, 256>; // [TK][T / 4]: its columns
 
 // An output pixel m = (b, oy, ox), with `base` the first input value of image b.
 struct Pixel {
@@ -94,19 +95,60 @@ fn patch_value(px: Pixel, t: Tap, k: u32) -> f32 {
     return src[px.base + (u32(iy) * p.w + u32(ix)) * p.c_in + t.c];
 }
 
-// Accumulates the TK-deep slice staged in tile_a (rows) and tile_b (columns).
-fn multiply_slice(acc: ptr<function, array<f32, R * R>>, row: u32, col: u32) {
+// A 4×4 block of the output tile: row 4·ty + i, columns 4·tx .. 4·tx + 3 in `r{i}`.
+struct Block {
+    r0: vec4<f32>,
+    r1: vec4<f32>,
+    r2: vec4<f32>,
+    r3: vec4<f32>,
+}
+
+fn zero_block() -> Block {
+    return Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+}
+
+// Adds the TK-deep slice staged in tile_a (rows) and tile_b (columns) to `acc`.
+fn multiply_slice(acc: Block, ty: u32, tx: u32) -> Block {
+    var r = acc;
     for (var kk = 0u; kk < TK; kk++) {
-        var a: array<f32, R>;
-        var b: array<f32, R>;
-        for (var i = 0u; i < R; i++) {
-            a[i] = tile_a[kk * T + row + 16u * i];
-            b[i] = tile_b[kk * T + col + 16u * i];
+        let a = tile_a[kk * 16u + ty];
+        let b = tile_b[kk * 16u + tx];
+        r.r0 = fma(vec4<f32>(a.x), b, r.r0);
+        r.r1 = fma(vec4<f32>(a.y), b, r.r1);
+        r.r2 = fma(vec4<f32>(a.z), b, r.r2);
+        r.r3 = fma(vec4<f32>(a.w), b, r.r3);
+    }
+    return r;
+}
+
+fn stage_a(kk: u32, r: u32, v: f32) {
+    tile_a[kk * 16u + r / 4u][r % 4u] = v;
+}
+
+fn stage_b(kk: u32, r: u32, v: f32) {
+    tile_b[kk * 16u + r / 4u][r % 4u] = v;
+}
+
+// y[m, o .. o + 4] = v, inside the matrix.
+fn store_output(m: u32, o: u32, v: vec4<f32>) {
+    if (m >= p.m_total) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (o + j < p.c_out) {
+            dst[m * p.c_out + o + j] = v[j];
         }
-        for (var i = 0u; i < R; i++) {
-            for (var j = 0u; j < R; j++) {
-                (*acc)[i * R + j] = fma(a[i], b[j], (*acc)[i * R + j]);
-            }
+    }
+}
+
+// The partial dW[o, k .. k + 4] = v of the split starting at scratch[at], inside the matrix.
+fn store_partial(at: u32, o: u32, k: u32, v: vec4<f32>) {
+    if (o >= p.c_out) {
+        return;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        if (k + j < p.kdim) {
+            scratch[at + o * p.kdim + k + j] = v[j];
         }
     }
 }
@@ -119,38 +161,38 @@ fn forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
     let o0 = wg.y * T;
     let tid = lid.y * 16u + lid.x;
     let kk = tid % TK;
-    var px: array<Pixel, R>;
-    for (var i = 0u; i < R; i++) {
-        px[i] = pixel(m0 + tid / TK + 16u * i);
-    }
+    let row = tid / TK;
+    let px0 = pixel(m0 + row);
+    let px1 = pixel(m0 + row + 16u);
+    let px2 = pixel(m0 + row + 32u);
+    let px3 = pixel(m0 + row + 48u);
     var t = tap(kk);
-    var acc: array<f32, R * R>;
+    var acc = zero_block();
     for (var k0 = 0u; k0 < p.kdim; k0 += TK) {
         let k = k0 + kk;
-        for (var i = 0u; i < R; i++) {
-            let r = tid / TK + 16u * i;
-            tile_a[kk * T + r] = patch_value(px[i], t, k);
-            let o = o0 + r;
+        stage_a(kk, row, patch_value(px0, t, k));
+        stage_a(kk, row + 16u, patch_value(px1, t, k));
+        stage_a(kk, row + 32u, patch_value(px2, t, k));
+        stage_a(kk, row + 48u, patch_value(px3, t, k));
+        for (var i = 0u; i < 4u; i++) {
+            let o = o0 + row + 16u * i;
             var wv = 0.0;
             if (o < p.c_out && k < p.kdim) {
                 wv = wt[p.w_off + o * p.kdim + k];
             }
-            tile_b[kk * T + r] = wv;
+            stage_b(kk, row + 16u * i, wv);
         }
         t = advance(t, TK);
         workgroupBarrier();
-        multiply_slice(&acc, lid.y, lid.x);
+        acc = multiply_slice(acc, lid.y, lid.x);
         workgroupBarrier();
     }
-    for (var i = 0u; i < R; i++) {
-        let m = m0 + lid.y + 16u * i;
-        for (var j = 0u; j < R; j++) {
-            let o = o0 + lid.x + 16u * j;
-            if (m < p.m_total && o < p.c_out) {
-                dst[m * p.c_out + o] = acc[i * R + j];
-            }
-        }
-    }
+    let m = m0 + 4u * lid.y;
+    let o = o0 + 4u * lid.x;
+    store_output(m, o, acc.r0);
+    store_output(m + 1u, o, acc.r1);
+    store_output(m + 2u, o, acc.r2);
+    store_output(m + 3u, o, acc.r3);
 }
 
 // scratch (c_in, k, k, c_out) = wt (c_out, k, k, c_in) rotated by 180°: the kernel whose
@@ -171,8 +213,8 @@ fn rotate(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: ve
 }
 
 // Partial dW over output pixels [z·split_rows, (z+1)·split_rows): scratch[z][o][k].
-// Invocation tid stages tile column col = tid % T (an output channel of dy, a patch index
-// of A) for pixels m0 + tid / T + (256 / T)·i.
+// Invocation tid stages tile column col = tid % 64 (an output channel of dy, a patch index
+// of A) for the pixels m0 + tid / 64 + 4i of each slice.
 @compute @workgroup_size(16, 16)
 fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let o0 = wg.x * T;
@@ -181,43 +223,47 @@ fn wgrad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid
     let last = min(first + p.split_rows, p.m_total);
     let tid = lid.y * 16u + lid.x;
     let col = tid % T;
-    let o = o0 + col;
-    let k = k0 + col;
-    let t = tap(k);
-    let rows_per_pass = 256u / T;
-    var px: array<Pixel, R>;
-    for (var i = 0u; i < R; i++) {
-        px[i] = pixel(first + tid / T + rows_per_pass * i);
-    }
-    var acc: array<f32, R * R>;
+    let mm = tid / T;
+    let t = tap(k0 + col);
+    var px0 = pixel(first + mm);
+    var px1 = pixel(first + mm + 4u);
+    var px2 = pixel(first + mm + 8u);
+    var px3 = pixel(first + mm + 12u);
+    var acc = zero_block();
     for (var m0 = first; m0 < last; m0 += TK) {
-        for (var i = 0u; i < R; i++) {
-            let mm = tid / T + rows_per_pass * i;
-            var g = 0.0;
-            var a = 0.0;
-            if (px[i].m < last) {
-                if (o < p.c_out) {
-                    g = dy[px[i].m * p.c_out + o];
-                }
-                a = patch_value(px[i], t, k);
-            }
-            tile_a[mm * T + col] = g;
-            tile_b[mm * T + col] = a;
-            px[i] = step_pixel(px[i], TK);
-        }
+        stage_wgrad(mm, col, o0 + col, k0 + col, t, px0, last);
+        stage_wgrad(mm + 4u, col, o0 + col, k0 + col, t, px1, last);
+        stage_wgrad(mm + 8u, col, o0 + col, k0 + col, t, px2, last);
+        stage_wgrad(mm + 12u, col, o0 + col, k0 + col, t, px3, last);
+        px0 = step_pixel(px0, TK);
+        px1 = step_pixel(px1, TK);
+        px2 = step_pixel(px2, TK);
+        px3 = step_pixel(px3, TK);
         workgroupBarrier();
-        multiply_slice(&acc, lid.y, lid.x);
+        acc = multiply_slice(acc, lid.y, lid.x);
         workgroupBarrier();
     }
-    for (var i = 0u; i < R; i++) {
-        let oo = o0 + lid.y + 16u * i;
-        for (var j = 0u; j < R; j++) {
-            let kk = k0 + lid.x + 16u * j;
-            if (oo < p.c_out && kk < p.kdim) {
-                scratch[(wg.z * p.c_out + oo) * p.kdim + kk] = acc[i * R + j];
-            }
+    let at = wg.z * p.c_out * p.kdim;
+    let o = o0 + 4u * lid.y;
+    let k = k0 + 4u * lid.x;
+    store_partial(at, o, k, acc.r0);
+    store_partial(at, o + 1u, k, acc.r1);
+    store_partial(at, o + 2u, k, acc.r2);
+    store_partial(at, o + 3u, k, acc.r3);
+}
+
+// Stages dy[m, o] (tile_a) and A[m, k] (tile_b) at slice position mm.
+fn stage_wgrad(mm: u32, col: u32, o: u32, k: u32, t: Tap, px: Pixel, last: u32) {
+    var g = 0.0;
+    var a = 0.0;
+    if (px.m < last) {
+        if (o < p.c_out) {
+            g = dy[px.m * p.c_out + o];
         }
+        a = patch_value(px, t, k);
     }
+    stage_a(mm, col, g);
+    stage_b(mm, col, a);
 }
 
 // dW = Σ_z scratch[z], summed in order (deterministic), into dst at w_off.

@@ -16,15 +16,8 @@ fn f(v: f32) -> u32 {
     v.to_bits()
 }
 
-/// The conv kernel for `channels` output channels, and its tile side: 64 (4×4 per
-/// invocation), or 16 where a 64-wide tile would be mostly idle.
-fn conv_variant(entry: &'static str, channels: usize) -> (&'static str, usize) {
-    match (entry, channels >= 64) {
-        (_, true) => (entry, 64),
-        ("forward", false) => ("forward_narrow", 16),
-        _ => ("wgrad_narrow", 16),
-    }
-}
+/// Side of the output tiles of the tiled conv kernels.
+const TILE: usize = 64;
 
 /// Rows per partial sum in the two-stage channel reductions.
 const CHUNK_ROWS: usize = 256;
@@ -39,14 +32,19 @@ impl Wgpu {
 
     fn conv(&self, s: &ConvShape, x: &wgpu::Buffer, w: &wgpu::Buffer, w_off: usize, y: &wgpu::Buffer) {
         let params = Self::conv_params(s, w_off, 0, 0);
-        if !self.tiled.get() {
+        if !self.use_tiles(s.c_out) {
             return self.run("forward_direct", &params, &[x, w, y], grid(s.n * s.out_h() * s.out_w() * s.c_out, 256));
         }
-        let (entry, tile) = conv_variant("forward", s.c_out);
-        let tiles = (s.n * s.out_h() * s.out_w()).div_ceil(tile);
+        let tiles = (s.n * s.out_h() * s.out_w()).div_ceil(TILE);
         let x_groups = tiles.min(65535);
-        let groups = [x_groups as u32, s.c_out.div_ceil(tile) as u32, tiles.div_ceil(x_groups) as u32];
-        self.run(entry, &params, &[x, w, y], groups);
+        let groups = [x_groups as u32, s.c_out.div_ceil(TILE) as u32, tiles.div_ceil(x_groups) as u32];
+        self.run("forward", &params, &[x, w, y], groups);
+    }
+
+    /// Tiled kernels for 64 or more output channels on GPUs; direct ones otherwise, where a
+    /// 64-wide tile would be mostly idle or barriers are emulated.
+    fn use_tiles(&self, channels: usize) -> bool {
+        self.tiled.get() && channels >= TILE
     }
 
     /// norm.wgsl's parameters.
@@ -183,7 +181,8 @@ impl Backend for Wgpu {
 
     fn conv_backward_filter(&self, s: ConvShape, x: &Buf, dy: &Buf, dw: ViewMut<Buf>) {
         let (m, kdim) = (s.n * s.out_h() * s.out_w(), s.k * s.k * s.c_in);
-        let (entry, tile) = if self.tiled.get() { conv_variant("wgrad", s.c_out) } else { ("wgrad_direct", 1) };
+        let tiled = self.use_tiles(s.c_out);
+        let (entry, tile) = if tiled { ("wgrad", TILE) } else { ("wgrad_direct", 1) };
         let tiles = s.c_out.div_ceil(tile) * kdim.div_ceil(tile);
         // Split the sum over pixels so that at least about 2048 workgroups (tiled) or
         // invocations (direct) run, and no f32 running sum covers more than 4096 pixels.
@@ -192,7 +191,7 @@ impl Backend for Wgpu {
         let splits = m.div_ceil(split_rows);
         let partials = self.scratch("wgrad partials", splits * s.c_out * kdim);
         let params = Self::conv_params(&s, dw.range.start, split_rows, splits);
-        let groups = if self.tiled.get() {
+        let groups = if tiled {
             [s.c_out.div_ceil(tile) as u32, kdim.div_ceil(tile) as u32, splits as u32]
         } else {
             grid(splits * s.c_out * kdim, 256)

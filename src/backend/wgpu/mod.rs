@@ -30,13 +30,11 @@ pub struct GpuImages {
     split: usize,
 }
 
-/// One shader family: its source (after `common.wgsl` and `preamble`), which storage
-/// bindings it declares read-only, and each entry point with the bindings it uses (binding 0
-/// is always the parameter slot). Kernels are named entry point + `suffix`.
+/// One shader family: its source (after `common.wgsl`), which storage bindings it declares
+/// read-only, and each entry point with the bindings it uses (binding 0 is always the
+/// parameter slot).
 struct Family {
     name: &'static str,
-    preamble: &'static str,
-    suffix: &'static str,
     source: &'static str,
     read_only: &'static [u32],
     entries: &'static [(&'static str, &'static [u32])],
@@ -53,29 +51,10 @@ const CONV_ENTRIES: &[(&str, &[u32])] = &[
     ("wgrad_direct", &[1, 4, 5]),
 ];
 
-const FAMILIES: [Family; 6] = [
-    // 64×64 output tiles, 4×4 per invocation.
-    Family {
-        name: "conv.wgsl",
-        preamble: "const R: u32 = 4u;",
-        suffix: "",
-        source: include_str!("../../../shaders/conv.wgsl"),
-        read_only: &[1, 2, 4],
-        entries: CONV_ENTRIES,
-    },
-    // 16×16 output tiles for layers with fewer than 64 output channels.
-    Family {
-        name: "conv.wgsl (narrow)",
-        preamble: "const R: u32 = 1u;",
-        suffix: "_narrow",
-        source: include_str!("../../../shaders/conv.wgsl"),
-        read_only: &[1, 2, 4],
-        entries: CONV_ENTRIES,
-    },
+const FAMILIES: [Family; 5] = [
+    Family { name: "conv.wgsl", source: include_str!("../../../shaders/conv.wgsl"), read_only: &[1, 2, 4], entries: CONV_ENTRIES },
     Family {
         name: "norm.wgsl",
-        preamble: "",
-        suffix: "",
         source: include_str!("../../../shaders/norm.wgsl"),
         read_only: &[1, 2, 3],
         entries: &[
@@ -97,8 +76,6 @@ const FAMILIES: [Family; 6] = [
     },
     Family {
         name: "head.wgsl",
-        preamble: "",
-        suffix: "",
         source: include_str!("../../../shaders/head.wgsl"),
         read_only: &[1, 2, 3],
         entries: &[
@@ -111,16 +88,12 @@ const FAMILIES: [Family; 6] = [
     },
     Family {
         name: "optim.wgsl",
-        preamble: "",
-        suffix: "",
         source: include_str!("../../../shaders/optim.wgsl"),
         read_only: &[1],
         entries: &[("sgd", &[1, 2, 3]), ("lookahead", &[2, 3]), ("axpy", &[1, 2]), ("fill", &[2]), ("copy", &[1, 2])],
     },
     Family {
         name: "data.wgsl",
-        preamble: "",
-        suffix: "",
         source: include_str!("../../../shaders/data.wgsl"),
         read_only: &[1, 2, 3, 4, 5],
         entries: &[("load_batch", &[1, 2, 3, 4, 5, 6, 7]), ("patch_moments", &[1, 2, 4, 8])],
@@ -151,10 +124,11 @@ pub struct Wgpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     max_binding: u64,
-    kernels: HashMap<String, Kernel>,
+    kernels: HashMap<&'static str, Kernel>,
     ring: wgpu::Buffer,
     state: RefCell<State>,
-    /// Convolutions with workgroup-memory tiling (GPUs) or direct (CPU-emulated adapters).
+    /// Convolutions with workgroup-memory tiling where they have 64 or more output channels
+    /// (GPUs), or all direct (CPU-emulated adapters).
     tiled: std::cell::Cell<bool>,
 }
 
@@ -363,10 +337,10 @@ impl Wgpu {
     }
 }
 
-fn build_kernels(device: &wgpu::Device) -> HashMap<String, Kernel> {
+fn build_kernels(device: &wgpu::Device) -> HashMap<&'static str, Kernel> {
     let mut kernels = HashMap::new();
     for family in &FAMILIES {
-        let source = format!("{COMMON}\n{}\n{}", family.preamble, family.source);
+        let source = format!("{COMMON}\n{}", family.source);
         let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(family.name),
             source: wgpu::ShaderSource::Wgsl(Cow::Owned(source)),
@@ -406,8 +380,7 @@ fn build_kernels(device: &wgpu::Device) -> HashMap<String, Kernel> {
                 compilation_options: Default::default(),
                 cache: None,
             });
-            let name = format!("{entry}{}", family.suffix);
-            assert!(kernels.insert(name, Kernel { pipeline, layout, slots }).is_none(), "kernel {entry}{} defined twice", family.suffix);
+            assert!(kernels.insert(entry, Kernel { pipeline, layout, slots }).is_none(), "kernel {entry} defined twice");
         }
     }
     kernels
