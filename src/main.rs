@@ -51,6 +51,8 @@ enum Command {
     },
     /// List the devices each backend can use.
     Info,
+    /// GPU time per kernel of a few training steps, from timestamp queries (wgpu backend).
+    Profile(ProfileArgs),
     /// Classify image files (any size; resized to 32×32) with a checkpoint.
     Predict {
         #[arg(long)]
@@ -100,6 +102,24 @@ struct TrainArgs {
     /// Accuracy target for the t-test over runs.
     #[arg(long, default_value_t = 0.94)]
     target: f64,
+}
+
+#[derive(clap::Args)]
+struct ProfileArgs {
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value_t = Config::default().batch_size)]
+    batch_size: usize,
+    #[arg(long, value_parser = parse_widths, default_value = "64,256,256")]
+    widths: [usize; 3],
+    #[arg(long)]
+    train_limit: Option<usize>,
+    /// Profile steps of this epoch (1-based): epochs 1-3 also train the whitening bias.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    epoch: u32,
+    /// Steps to profile, after one untimed warm-up step.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    steps: u32,
 }
 
 fn parse_widths(s: &str) -> Result<[usize; 3], String> {
@@ -215,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             info();
             Ok(())
         }
+        Command::Profile(args) => profile_command(&args),
         Command::Download { data_dir } => {
             let dir = data::resolve_dir(data_dir.as_deref());
             if download::ensure(&dir, &download::official(), true)? {
@@ -286,10 +307,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     if let Some(path) = &args.save {
         check_writable(path)?; // before a run that may take an hour, not after it
     }
-    let dir = data::resolve_dir(args.data_dir.as_deref());
-    if data::batches_dir(&dir).is_none() {
-        download::ensure(&dir, &download::official(), true)?;
-    }
+    let dir = data_dir_downloading(args.data_dir.as_deref())?;
     let train_split = data::load_train(&dir, args.train_limit)?;
     let test_split = data::load_test(&dir, args.test_limit)?;
     if train_split.is_empty() || test_split.is_empty() {
@@ -373,6 +391,63 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
     if results.len() > 1 {
         print_summary(&results, args.target);
     }
+    Ok(())
+}
+
+/// The data folder, with CIFAR-10 downloaded into it first if it is missing.
+fn data_dir_downloading(dir: Option<&Path>) -> Result<PathBuf> {
+    let dir = data::resolve_dir(dir);
+    if data::batches_dir(&dir).is_none() {
+        download::ensure(&dir, &download::official(), true)?;
+    }
+    Ok(dir)
+}
+
+#[cfg(not(feature = "wgpu"))]
+fn profile_command(_: &ProfileArgs) -> Result<()> {
+    bail!("profiling needs the wgpu backend; this build has only: {}", built_backends())
+}
+
+/// Profiles `--steps` training steps of epoch `--epoch` on the default wgpu adapter and
+/// prints GPU time per kernel, longest first.
+#[cfg(feature = "wgpu")]
+fn profile_command(args: &ProfileArgs) -> Result<()> {
+    let b = block_on(Wgpu::new())?;
+    let cfg = Config { batch_size: args.batch_size, widths: args.widths, ..Config::default() };
+    let split = data::load_train(&data_dir_downloading(args.data_dir.as_deref())?, args.train_limit)?;
+    let train = DeviceSplit::new(&b, &split);
+    let mut t = Trainer::new(&b, cfg, &train)?;
+    let (steps_per_epoch, epoch, steps) = (t.cfg.steps_per_epoch(train.len()), args.epoch as usize, args.steps as usize);
+    if epoch * steps_per_epoch > t.total_steps || steps + 1 > steps_per_epoch {
+        bail!("a run has {} epochs of {steps_per_epoch} steps: pick --epoch and --steps inside them", t.total_steps / steps_per_epoch);
+    }
+    t.reset(0);
+    block_on(t.init_whitening());
+    t.start_epoch(epoch - 1);
+    t.step = (epoch - 1) * steps_per_epoch;
+    t.train_step(0); // pipelines, bind groups and scratch buffers appear in the first step
+    block_on(b.sync());
+    b.start_profile()?;
+    let wall = std::time::Instant::now();
+    (1..=steps).for_each(|batch| t.train_step(batch));
+    block_on(b.sync());
+    let wall_ms = wall.elapsed().as_secs_f64() * 1e3 / steps as f64;
+    let kernels = block_on(b.finish_profile());
+    let gpu_ms: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() * 1e3 / steps as f64;
+    println!(
+        "profile: {} on {}; batch {}; widths {:?}; epoch {epoch}; {steps} steps",
+        b.name(),
+        b.device_name(),
+        t.cfg.batch_size,
+        t.cfg.widths
+    );
+    println!("{:<44} {:>6} {:>9} {:>6} {:>9}", "kernel", "calls", "ms/step", "share", "GFLOP/s");
+    for k in &kernels {
+        let ms = k.seconds * 1e3 / steps as f64;
+        let gflops = if k.flops > 0.0 { format!("{:.1}", k.flops / k.seconds / 1e9) } else { String::new() };
+        println!("{:<44} {:>6} {ms:>9.3} {:>5.1}% {gflops:>9}", k.name, k.calls / steps, 100.0 * ms / gpu_ms);
+    }
+    println!("GPU time {gpu_ms:.2} ms/step (sum of kernels); wall time {wall_ms:.2} ms/step (timestamps on)");
     Ok(())
 }
 

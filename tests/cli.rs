@@ -152,3 +152,27 @@ fn bad_flags_and_paths_are_clean_errors() {
         "--test-limit must be at least 1",
     );
 }
+
+/// `speedrun profile` times every conv pass of a step (epoch 1 includes the whitening-bias
+/// gradient through block1.conv1) and rejects steps outside the run.
+#[test]
+fn profile_lists_every_conv_pass() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    small_data(tmp.path(), |_| {});
+    let args = ["profile", "--data-dir", dir, "--train-limit", "128", "--batch-size", "32", "--widths", "8,8,8", "--steps", "1"];
+    #[cfg(not(feature = "wgpu"))]
+    fails_with(&speedrun(&args, &[]), 1, "profiling needs the wgpu backend");
+    #[cfg(feature = "wgpu")]
+    if common::wgpu_device().is_some() {
+        let o = speedrun(&args, &[]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+        for pass in ["conv fwd 3→24 32²", "conv fwd 24→8 31²", "conv dgrad 24→8 31²", "conv wgrad 24→8 31²", "conv wgrad 8→8 3²"]
+        {
+            assert!(out.contains(pass), "{pass:?} missing from:\n{out}");
+        }
+        assert!(out.contains("GPU time"), "{out}");
+        fails_with(&speedrun(&[&args[..], &["--epoch", "11"]].concat(), &[]), 1, "pick --epoch and --steps inside them");
+    }
+}

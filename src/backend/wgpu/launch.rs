@@ -47,6 +47,11 @@ impl Wgpu {
         self.tiled.get() && channels >= TILE
     }
 
+    /// Labels the next dispatch as pass `pass` (fwd, dgrad, wgrad) of the conv layer `s`.
+    fn label_conv(&self, pass: &str, s: &ConvShape) {
+        self.label_next(|| format!("conv {pass} {}→{} {}²", s.c_in, s.c_out, s.h), 2.0 * s.macs() as f64);
+    }
+
     /// norm.wgsl's parameters.
     #[allow(clippy::too_many_arguments)]
     fn norm_params(rows: usize, c: usize, pool: Option<&PoolBnShape>, off0: usize, off1: usize, momentum: f32, eps: f32) -> [u32; 14] {
@@ -168,6 +173,7 @@ impl Backend for Wgpu {
     }
 
     fn conv_forward(&self, s: ConvShape, x: &Buf, w: View<Buf>, y: &mut Buf) {
+        self.label_conv("fwd", &s);
         self.conv(&s, &x.buffer, &w.buf.buffer, w.range.start, &y.buffer);
     }
 
@@ -176,6 +182,7 @@ impl Backend for Wgpu {
         let rotated = self.scratch("rotated kernel", len);
         self.run("rotate", &Self::conv_params(&s, w.range.start, 0, 0), &[&w.buf.buffer, &rotated], grid(len, 256));
         let t = ConvShape { n: s.n, h: s.out_h(), w: s.out_w(), c_in: s.c_out, c_out: s.c_in, k: s.k, pad: s.k - 1 - s.pad };
+        self.label_conv("dgrad", &s);
         self.conv(&t, &dy.buffer, &rotated, 0, &dx.buffer);
     }
 
@@ -196,6 +203,7 @@ impl Backend for Wgpu {
         } else {
             grid(splits * s.c_out * kdim, 256)
         };
+        self.label_conv("wgrad", &s);
         self.run(entry, &params, &[&x.buffer, &dy.buffer, &partials], groups);
         self.run("reduce_splits", &params, &[&dw.buf.buffer, &partials], grid(s.c_out * kdim, 256));
     }

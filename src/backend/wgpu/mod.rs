@@ -9,6 +9,9 @@
 //! offset and written once per submission.
 
 mod launch;
+mod profile;
+
+pub use profile::KernelTime;
 
 use anyhow::{anyhow, bail, Result};
 use std::borrow::Cow;
@@ -117,6 +120,9 @@ struct State {
     params: Vec<u8>, // the parameter slots of the open encoder
     bind_groups: HashMap<(String, Vec<wgpu::Buffer>), wgpu::BindGroup>,
     scratch: HashMap<&'static str, Buf>,
+    profiler: Option<profile::Profiler>,
+    /// What the next dispatch computes, while profiling (see `label_next`).
+    next_label: Option<profile::Label>,
 }
 
 pub struct Wgpu {
@@ -162,7 +168,12 @@ impl Wgpu {
             max_buffer_size: have.max_buffer_size,
             ..wgpu::Limits::defaults()
         };
-        let descriptor = wgpu::DeviceDescriptor { label: Some("speedrun"), required_limits: limits, ..Default::default() };
+        let descriptor = wgpu::DeviceDescriptor {
+            label: Some("speedrun"),
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY, // for `speedrun profile`
+            required_limits: limits,
+            ..Default::default()
+        };
         let (device, queue) = adapter.request_device(&descriptor).await.map_err(|e| anyhow!("cannot open the wgpu device: {e}"))?;
         let kernels = build_kernels(&device);
         let ring = device.create_buffer(&wgpu::BufferDescriptor {
@@ -227,7 +238,11 @@ impl Wgpu {
         if groups.contains(&0) {
             return;
         }
-        if self.state.borrow().params.len() + PARAM_SLOT > PARAM_SLOT * RING_SLOTS {
+        let full = {
+            let st = self.state.borrow();
+            st.params.len() + PARAM_SLOT > PARAM_SLOT * RING_SLOTS || st.profiler.as_ref().is_some_and(|p| p.full())
+        };
+        if full {
             self.flush();
         }
         let mut st = self.state.borrow_mut();
@@ -256,16 +271,33 @@ impl Wgpu {
         }
         let st = &mut *st;
         let encoder = st.encoder.get_or_insert_with(|| self.device.create_command_encoder(&Default::default()));
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+        let timestamp_writes = st.profiler.as_mut().map(|p| {
+            let label = st.next_label.take();
+            let name = label.as_ref().map_or(entry.to_string(), |l| format!("{} ({entry})", l.name));
+            p.next(profile::Label { name, flops: label.map_or(0.0, |l| l.flops) })
+        });
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes });
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &st.bind_groups[&key], &[offset]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
     }
 
+    /// Names the next dispatch `name` with `flops` useful operations in the profile (convs,
+    /// whose kernel alone does not say which layer it runs); nothing unless profiling.
+    fn label_next(&self, name: impl FnOnce() -> String, flops: f64) {
+        let mut st = self.state.borrow_mut();
+        if st.profiler.is_some() {
+            st.next_label = Some(profile::Label { name: name(), flops });
+        }
+    }
+
     /// Submits the recorded work (with its parameter slots).
     fn flush(&self) {
         let mut st = self.state.borrow_mut();
-        if let Some(encoder) = st.encoder.take() {
+        if let Some(mut encoder) = st.encoder.take() {
+            if let Some(p) = st.profiler.as_mut() {
+                p.resolve(&self.device, &mut encoder);
+            }
             self.queue.write_buffer(&self.ring, 0, &st.params);
             st.params.clear();
             self.queue.submit([encoder.finish()]);
@@ -389,16 +421,23 @@ fn build_kernels(device: &wgpu::Device) -> HashMap<&'static str, Kernel> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, Crop};
+    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, ConvShape, Crop};
+
+    /// A device on the default adapter; None (skipped, with a message) unless
+    /// SPEEDRUN_REQUIRE_WGPU makes a missing adapter a failure.
+    fn device() -> Option<Wgpu> {
+        let gpu = block_on(Wgpu::new()).ok();
+        if gpu.is_none() {
+            eprintln!("SKIPPED: no wgpu adapter");
+            assert!(std::env::var_os("SPEEDRUN_REQUIRE_WGPU").is_none(), "SPEEDRUN_REQUIRE_WGPU is set but there is no adapter");
+        }
+        gpu
+    }
 
     /// Batches gathered across the two image bindings equal the CPU's.
     #[test]
     fn images_split_across_two_bindings() {
-        let Ok(gpu) = block_on(Wgpu::new()) else {
-            eprintln!("SKIPPED: no wgpu adapter");
-            assert!(std::env::var_os("SPEEDRUN_REQUIRE_WGPU").is_none(), "SPEEDRUN_REQUIRE_WGPU is set but there is no adapter");
-            return;
-        };
+        let Some(gpu) = device() else { return };
         let pixels: Vec<u8> = (0..5 * 3072).map(|i| (i * 13 % 256) as u8).collect();
         let labels = [1u8, 2, 3, 4, 5];
         let images = gpu.upload_images_split(&pixels, &labels, 3).unwrap();
@@ -417,5 +456,38 @@ mod tests {
         assert_eq!(block_on(gpu.read(all(&x, 4 * 3072))), cx);
         let label_words: Vec<u32> = bytemuck::cast_slice(&block_on(gpu.read_words(&l.buffer, 0..4))).to_vec();
         assert_eq!(label_words, cl);
+    }
+
+    /// The profile counts every dispatch once under its label, with the conv's FLOPs,
+    /// across submissions (more dispatches than one query set holds), then stops.
+    #[test]
+    fn profile_counts_every_dispatch() {
+        let Some(gpu) = device() else { return };
+        if !gpu.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
+            eprintln!("SKIPPED: the adapter has no timestamp queries");
+            return;
+        }
+        let s = ConvShape { n: 2, h: 8, w: 8, c_in: 16, c_out: 64, k: 3, pad: 1 };
+        let w_len = s.c_out * 9 * s.c_in;
+        let (x, w, mut y) = (gpu.zeros(2 * 64 * 16), gpu.zeros(w_len), gpu.zeros(2 * 64 * 64));
+        let mut one = gpu.zeros(1);
+        gpu.start_profile().unwrap();
+        for _ in 0..3 {
+            gpu.conv_forward(s, &x, all(&w, w_len), &mut y);
+        }
+        let fills = profile::QUERIES as usize; // two submissions' worth of timestamps
+        for _ in 0..fills {
+            gpu.fill(all_mut(&mut one, 1), 1.0);
+        }
+        let rows = block_on(gpu.finish_profile());
+        let conv = rows.iter().find(|r| r.name.starts_with("conv fwd 16→64 8²")).expect("the conv is labelled");
+        assert_eq!((conv.calls, conv.flops), (3, 3.0 * 2.0 * s.macs() as f64));
+        let fill = rows.iter().find(|r| r.name == "fill").expect("unlabelled dispatches keep their kernel's name");
+        assert_eq!((fill.calls, fill.flops), (fills, 0.0));
+        assert!(rows.iter().all(|r| r.seconds >= 0.0) && conv.seconds > 0.0);
+        assert_eq!(rows.len(), 2);
+        gpu.fill(all_mut(&mut one, 1), 2.0);
+        assert!(block_on(gpu.finish_profile()).is_empty(), "profiling stopped");
+        assert_eq!(block_on(gpu.read(all(&one, 1))), [2.0]);
     }
 }
