@@ -3,11 +3,11 @@
 //   forward:  y[m, o]  = Σ_k A[m, k] · W[o, k]        A = the patches of x, gathered on the fly
 //   dgrad:    forward of dy with the rotated, channel-swapped kernel (`rotate`)
 //   wgrad:    dW[o, k] = Σ_m dy[m, o] · A[m, k]        split over m, then `reduce_splits`
-// Tiled kernels (GPUs, layers of 64 or more output channels): workgroups of 16×16
-// invocations compute 64×64 output tiles from 16-deep slices staged in workgroup memory
-// (8 KiB); each invocation accumulates a 4×4 block in four vec4 registers, reading one vec4
-// from each tile per step. Direct kernels (narrower layers, CPU-emulated adapters): one
-// output per invocation, no workgroup memory. Index arithmetic (integer division is slow
+// Tiled kernels (layers of 16 or more output channels): workgroups of 16×16 invocations
+// compute 64×64 output tiles from 16-deep slices staged in workgroup memory (8 KiB); each
+// invocation accumulates a 4×4 block in four vec4 registers, reading one vec4 from each tile
+// per step. Direct kernels (narrower layers; the naive baseline): one output per
+// invocation, no workgroup memory. Index arithmetic (integer division is slow
 // everywhere) is done once per invocation and then stepped.
 
 struct Params {
@@ -282,8 +282,8 @@ fn reduce_splits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
 }
 
 // Direct variants: one output value per invocation, no workgroup memory and no barriers.
-// For CPU-emulated adapters (lavapipe, SwiftShader), where barriers cost more than they save;
-// also the naive baseline the tiled kernels are measured against.
+// For layers too narrow to fill a quarter of a tile; also the naive baseline the tiled
+// kernels are measured against.
 
 @compute @workgroup_size(256)
 fn forward_direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {

@@ -133,8 +133,8 @@ pub struct Wgpu {
     kernels: HashMap<&'static str, Kernel>,
     ring: wgpu::Buffer,
     state: RefCell<State>,
-    /// Convolutions with workgroup-memory tiling where they have 64 or more output channels
-    /// (GPUs), or all direct (CPU-emulated adapters).
+    /// Convolutions with workgroup-memory tiling where they have 16 or more output channels
+    /// (the default), or all direct (the naive baseline, for tests and benchmarks).
     tiled: std::cell::Cell<bool>,
 }
 
@@ -184,16 +184,15 @@ impl Wgpu {
         });
         let max_binding = have.max_storage_buffer_binding_size.min(have.max_buffer_size);
         let info = adapter.get_info();
-        let tiled = info.device_type != wgpu::DeviceType::Cpu;
-        Ok(Wgpu { device, queue, info, max_binding, kernels, ring, state: RefCell::default(), tiled: std::cell::Cell::new(tiled) })
+        Ok(Wgpu { device, queue, info, max_binding, kernels, ring, state: RefCell::default(), tiled: std::cell::Cell::new(true) })
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
     }
 
-    /// Chooses the tiled convolution kernels (the default on GPUs) or the direct ones (the
-    /// default on CPU-emulated adapters); tests and benchmarks run both.
+    /// Chooses the tiled convolution kernels (the default) or only the direct ones; tests and
+    /// benchmarks run both.
     pub fn set_tiled_convolutions(&self, tiled: bool) {
         self.tiled.set(tiled);
     }
