@@ -52,6 +52,23 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
 
 /// Writes a checkpoint atomically: to `PATH.tmp`, then renamed over `path`.
 pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<()> {
+    let bytes = to_bytes(layout, params, running, extra)?;
+    let tmp = path.with_extension("safetensors.tmp");
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_all()?; // on disk before the rename makes it visible
+        std::fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("cannot write checkpoint {} (is the disk full or the folder missing?)", path.display()));
+    }
+    Ok(())
+}
+
+/// A checkpoint's bytes (the browser offers them as a download).
+pub fn to_bytes(layout: &Layout, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<Vec<u8>> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |slot: &Slot, source: &[f32]| {
         let data = permute(&slot.shape, &source[slot.range.clone()], true);
@@ -67,19 +84,7 @@ pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra
     let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("widths".into(), layout.widths.map(|w| w.to_string()).join(","));
-    let bytes = safetensors::serialize(views, Some(meta))?;
-    let tmp = path.with_extension("safetensors.tmp");
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?; // on disk before the rename makes it visible
-        std::fs::rename(&tmp, path)
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write checkpoint {} (is the disk full or the folder missing?)", path.display()));
-    }
-    Ok(())
+    Ok(safetensors::serialize(views, Some(meta))?)
 }
 
 /// A checkpoint read back: its layout and host copies of the arena and running statistics.

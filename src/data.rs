@@ -87,9 +87,18 @@ fn read_file(path: &Path, data_dir: &Path, out: &mut Split) -> Result<()> {
             fix_hint(data_dir)
         );
     }
+    parse_records(&bytes, out).map_err(|e| anyhow::anyhow!("CIFAR-10 file {} is corrupt: {e}; {}", path.display(), fix_hint(data_dir)))
+}
+
+/// Appends whole records (a label byte, then the R, G and B planes) as NHWC images. Fails
+/// on a partial record or a label outside 0..9.
+pub fn parse_records(bytes: &[u8], out: &mut Split) -> Result<()> {
+    if !bytes.len().is_multiple_of(RECORD) {
+        bail!("{} bytes is not a whole number of {RECORD}-byte records", bytes.len());
+    }
     for (i, rec) in bytes.chunks_exact(RECORD).enumerate() {
         if rec[0] > 9 {
-            bail!("CIFAR-10 file {} is corrupt: record {i} has label {} (labels are 0..9); {}", path.display(), rec[0], fix_hint(data_dir));
+            bail!("record {i} has label {} (labels are 0..9)", rec[0]);
         }
         out.labels.push(rec[0]);
         let planes = &rec[1..];

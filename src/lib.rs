@@ -4,6 +4,7 @@
 //! - `model`: the network (parameter arena, init, forward, backward).
 //! - `train`: `Config`, schedule, optimizer, lookahead, TTA, the run loop.
 //! - `data`, `download`, `checkpoint`: CIFAR-10 files and safetensors checkpoints.
+//! - `web` (wasm32): the browser entry point for `web/`.
 
 pub mod backend;
 pub mod checkpoint;
@@ -15,3 +16,5 @@ pub mod model;
 pub mod rng;
 pub mod stats;
 pub mod train;
+#[cfg(all(target_arch = "wasm32", feature = "wgpu"))]
+pub mod web;

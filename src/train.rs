@@ -8,7 +8,7 @@ use crate::data::Split;
 use crate::model::{patch_covariance, whitening_filters, Layout, Net, WHITEN_OUT};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
-use std::time::Instant;
+use web_time::Instant; // std's on native; performance.now() in the browser
 
 /// Every hyperparameter, with airbench94's defaults.
 #[derive(Clone, Debug)]
@@ -224,12 +224,19 @@ impl<B: Backend> Evaluator<B> {
         b.read(all(&self.logits, n * CLASSES)).await
     }
 
+    /// The predicted class (argmax logit) of every image of `data`.
+    pub async fn predictions(&mut self, b: &B, net: &mut Net<B>, data: &DeviceSplit<B>, eps: f32) -> Vec<u8> {
+        self.logits(b, net, data, eps).await.chunks_exact(CLASSES).map(|l| argmax(l) as u8).collect()
+    }
+
     /// Fraction of `data` whose argmax logit is the label.
     pub async fn accuracy(&mut self, b: &B, net: &mut Net<B>, data: &DeviceSplit<B>, eps: f32) -> f64 {
-        let logits = self.logits(b, net, data, eps).await;
-        let correct = logits.chunks_exact(CLASSES).zip(&data.labels).filter(|(l, &y)| argmax(l) == y as usize).count();
-        correct as f64 / data.len() as f64
+        fraction_correct(&self.predictions(b, net, data, eps).await, &data.labels)
     }
+}
+
+fn fraction_correct(predictions: &[u8], labels: &[u8]) -> f64 {
+    predictions.iter().zip(labels).filter(|(p, y)| p == y).count() as f64 / labels.len() as f64
 }
 
 /// Index of the first largest value.
@@ -444,8 +451,23 @@ impl Clock {
 
 /// Progress events of a run, for the caller to display.
 pub enum Event<'e> {
+    /// A step was recorded (not necessarily run yet).
     Step { epoch: usize, step: usize, steps: usize },
-    Epoch(&'e EpochLog),
+    /// After `Flow::Sync`: the device finished the epoch's steps so far, with these means.
+    Synced { epoch: usize, step: usize, train_loss: f64, train_acc: f64, seconds: f64 },
+    /// An epoch's row, and the plain (no TTA) prediction for every test image.
+    Epoch { log: &'e EpochLog, predictions: &'e [u8] },
+}
+
+/// What the caller wants after an event.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Flow {
+    Continue,
+    /// Wait for the device and report `Event::Synced`; in a browser this also lets the page
+    /// repaint and handle input before the next step.
+    Sync,
+    /// End the run now; `run` returns an error saying it was stopped.
+    Stop,
 }
 
 /// One full run: whitening init, training, per-epoch evaluation without TTA (`plain`,
@@ -455,7 +477,7 @@ pub async fn run<B: Backend>(
     test: &DeviceSplit<B>,
     plain: &mut Evaluator<B>,
     tta: &mut Evaluator<B>,
-    on: &mut dyn FnMut(Event),
+    on: &mut dyn FnMut(Event) -> Flow,
 ) -> Result<RunResult> {
     let b = t.b;
     let eps = t.cfg.bn_eps;
@@ -474,7 +496,15 @@ pub async fn run<B: Backend>(
         let steps = steps_per_epoch.min(t.total_steps - t.step);
         for batch in 0..steps {
             t.train_step(batch);
-            on(Event::Step { epoch: epoch + 1, step: batch + 1, steps });
+            let mut flow = on(Event::Step { epoch: epoch + 1, step: batch + 1, steps });
+            if flow == Flow::Sync {
+                let (train_loss, train_acc) = t.epoch_stats(batch + 1).await;
+                let seconds = clock.total + clock.since.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                flow = on(Event::Synced { epoch: epoch + 1, step: batch + 1, train_loss, train_acc, seconds });
+            }
+            if flow == Flow::Stop {
+                bail!("stopped in epoch {} at step {}", epoch + 1, batch + 1);
+            }
         }
         b.sync().await;
         train_seconds += clock.stop();
@@ -482,20 +512,21 @@ pub async fn run<B: Backend>(
         if !train_loss.is_finite() {
             bail!("training diverged: the loss is {train_loss} in epoch {}; lower --lr or check the data", epoch + 1);
         }
-        let val_acc = plain.accuracy(b, &mut t.net, test, eps).await;
+        let predictions = plain.predictions(b, &mut t.net, test, eps).await;
+        let val_acc = fraction_correct(&predictions, &test.labels);
         let log = EpochLog { epoch: epoch + 1, train_loss, train_acc, val_acc, tta_acc: None, seconds: clock.total };
-        if epoch + 1 < epochs {
-            on(Event::Epoch(&log));
+        if epoch + 1 < epochs && on(Event::Epoch { log: &log, predictions: &predictions }) == Flow::Stop {
+            bail!("stopped after epoch {}", epoch + 1);
         }
-        last = Some(log);
+        last = Some((log, predictions));
         clock.start();
     }
     let tta_accuracy = tta.accuracy(b, &mut t.net, test, eps).await;
     let tta_seconds = clock.stop();
-    let mut log = last.expect("at least one epoch");
+    let (mut log, predictions) = last.expect("at least one epoch");
     log.tta_acc = Some(tta_accuracy);
     log.seconds = clock.total;
-    on(Event::Epoch(&log));
+    on(Event::Epoch { log: &log, predictions: &predictions });
     Ok(RunResult {
         accuracy: log.val_acc,
         tta_accuracy,

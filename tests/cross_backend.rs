@@ -4,34 +4,12 @@
 #![cfg(feature = "wgpu")]
 
 mod common;
+#[path = "common/short_run.rs"]
+mod short_run;
 
 use speedrun::backend::{all, block_on, cpu::Cpu, Backend};
 use speedrun::data::{load_test, load_train, Split};
-use speedrun::train::{Config, DeviceSplit, Evaluator, Trainer};
-
-/// Each step's mean loss, then the plain and TTA test accuracy.
-fn train<B: Backend>(b: &B, cfg: &Config, train: &Split, test: &Split) -> (Vec<f64>, f64, f64) {
-    let (train, test) = (DeviceSplit::new(b, train), DeviceSplit::new(b, test));
-    let mut t = Trainer::new(b, cfg.clone(), &train).unwrap();
-    t.reset(cfg.seed);
-    block_on(t.init_whitening());
-    let steps_per_epoch = cfg.steps_per_epoch(train.len());
-    let mut losses = Vec::new();
-    for epoch in 0..t.total_steps.div_ceil(steps_per_epoch) {
-        t.start_epoch(epoch);
-        let mut before = 0.0;
-        for batch in 0..steps_per_epoch.min(t.total_steps - t.step) {
-            t.train_step(batch);
-            let (mean, _) = block_on(t.epoch_stats(batch + 1));
-            let cumulative = mean * (batch + 1) as f64;
-            losses.push(cumulative - before);
-            before = cumulative;
-        }
-    }
-    let plain = block_on(Evaluator::new(b, test.len(), cfg.batch_size, 0).accuracy(b, &mut t.net, &test, cfg.bn_eps));
-    let tta = block_on(Evaluator::new(b, test.len(), cfg.batch_size, 2).accuracy(b, &mut t.net, &test, cfg.bn_eps));
-    (losses, plain, tta)
-}
+use speedrun::train::{Config, DeviceSplit, Trainer};
 
 /// After one training step from the same state: logits, every gradient, BN statistics and
 /// the updated parameters, compared as `tests/reference.rs` compares with PyTorch.
@@ -87,12 +65,11 @@ fn cpu_and_wgpu_train_alike() {
     let data = common::cifar_dir();
     let (train_split, test_split) = (load_train(&data, Some(1024)).unwrap(), load_test(&data, Some(256)).unwrap());
     let cfg = Config { widths: [8, 16, 16], batch_size: 128, epochs: 2.0, whiten_images: 1024, ..Config::default() };
-    let (cpu_losses, cpu_plain, cpu_tta) = train(&Cpu::new(), &cfg, &train_split, &test_split);
-    let (gpu_losses, gpu_plain, gpu_tta) = train(&gpu, &cfg, &train_split, &test_split);
+    let (cpu_losses, cpu_plain, cpu_tta) = block_on(short_run::train(&Cpu::new(), &cfg, &train_split, &test_split));
+    let (gpu_losses, gpu_plain, gpu_tta) = block_on(short_run::train(&gpu, &cfg, &train_split, &test_split));
     println!("step   cpu loss   wgpu loss   relative difference");
     let mut worst = 0.0f64;
-    for (i, (c, g)) in cpu_losses.iter().zip(&gpu_losses).enumerate() {
-        let rel = (c - g).abs() / c.abs();
+    for (i, (c, g, rel)) in short_run::loss_table(&cpu_losses, &gpu_losses).into_iter().enumerate() {
         worst = worst.max(rel);
         println!("{:>4} {c:>10.5} {g:>11.5} {rel:>12.2e}", i + 1);
     }

@@ -1,10 +1,14 @@
 //! The recipe's loop arithmetic: optimizer groups, lr schedule, lookahead, TTA views,
 //! alternating flip, determinism, and the NaN guard.
 
+#[path = "common/short_run.rs"]
+mod short_run;
+
+use short_run::synthetic;
 use speedrun::backend::{block_on, cpu::Cpu, Crop};
 use speedrun::data::Split;
 use speedrun::rng::Rng;
-use speedrun::train::{epoch_crops, run, tta_views, Config, DeviceSplit, Evaluator, Trainer};
+use speedrun::train::{epoch_crops, run, tta_views, Config, DeviceSplit, Evaluator, Event, Flow, Trainer};
 
 #[test]
 fn groups_follow_the_decoupled_formulas() {
@@ -82,25 +86,22 @@ fn alternating_flip_mirrors_every_image_on_odd_epochs() {
 }
 
 /// Random images with a learnable signal: the label sets the mean brightness.
-fn synthetic(n: usize, seed: u64) -> Split {
-    let mut rng = Rng::new(seed);
-    let labels: Vec<u8> = (0..n).map(|i| (i % 10) as u8).collect();
-    let pixels = labels.iter().flat_map(|&l| (0..3072).map(|_| (l as usize * 20 + rng.below(60)) as u8).collect::<Vec<_>>()).collect();
-    Split { pixels, labels }
-}
-
 fn small_config() -> Config {
     Config { widths: [8, 16, 16], batch_size: 32, epochs: 2.0, whiten_images: 64, ..Config::default() }
 }
 
 fn train_once(cfg: Config, train: &Split, test: &Split) -> anyhow::Result<(f64, Vec<f32>)> {
+    train_with(cfg, train, test, &mut |_| Flow::Continue)
+}
+
+fn train_with(cfg: Config, train: &Split, test: &Split, on: &mut dyn FnMut(Event) -> Flow) -> anyhow::Result<(f64, Vec<f32>)> {
     let b = Cpu::new();
     let (train, test) = (DeviceSplit::new(&b, train), DeviceSplit::new(&b, test));
     let mut t = Trainer::new(&b, cfg.clone(), &train)?;
     let mut plain = Evaluator::new(&b, test.len(), cfg.batch_size, 0);
     let mut tta = Evaluator::new(&b, test.len(), cfg.batch_size, cfg.tta_level);
     t.reset(cfg.seed);
-    let r = block_on(run(&mut t, &test, &mut plain, &mut tta, &mut |_| {}))?;
+    let r = block_on(run(&mut t, &test, &mut plain, &mut tta, on))?;
     assert_eq!(r.steps, t.total_steps);
     Ok((r.tta_accuracy, block_on(t.net.state(&b)).0))
 }
@@ -113,6 +114,35 @@ fn runs_are_deterministic_per_seed() {
     assert_eq!((acc1, &w1), (acc2, &w2), "same seed, same weights");
     let (_, w3) = train_once(Config { seed: 1, ..small_config() }, &train, &test).unwrap();
     assert_ne!(w1, w3, "another seed, other weights");
+}
+
+/// `Flow::Sync` reports the running loss without changing the run; `Flow::Stop` ends it.
+#[test]
+fn callers_can_sync_and_stop_a_run() {
+    let (train, test) = (synthetic(128, 1), synthetic(64, 2));
+    let (acc, weights) = train_once(small_config(), &train, &test).unwrap();
+    let mut synced = Vec::new();
+    let synced_run = train_with(small_config(), &train, &test, &mut |e| {
+        if let Event::Synced { epoch, step, train_loss, .. } = e {
+            synced.push((epoch, step, train_loss));
+        }
+        Flow::Sync
+    });
+    assert_eq!(synced_run.unwrap(), (acc, weights), "syncing changes nothing");
+    assert_eq!(synced.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(), [(1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (2, 3), (2, 4)]);
+    assert!(synced.iter().all(|s| s.2.is_finite() && s.2 > 0.0));
+    let mut epoch_rows = Vec::new();
+    let mut stop = |e: Event| match e {
+        Event::Epoch { log, predictions } => {
+            epoch_rows.push((log.epoch, predictions.len()));
+            Flow::Continue
+        }
+        Event::Step { epoch: 2, step: 3, .. } => Flow::Stop,
+        _ => Flow::Continue,
+    };
+    let err = train_with(small_config(), &train, &test, &mut stop).unwrap_err().to_string();
+    assert!(err.contains("stopped in epoch 2 at step 3"), "{err}");
+    assert_eq!(epoch_rows, [(1, 64)], "one epoch row, with a prediction per test image");
 }
 
 #[test]

@@ -129,6 +129,8 @@ pub struct Wgpu {
     device: wgpu::Device,
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
+    adapter_features: wgpu::Features,
+    adapter_limits: wgpu::Limits,
     max_binding: u64,
     kernels: HashMap<&'static str, Kernel>,
     ring: wgpu::Buffer,
@@ -184,11 +186,32 @@ impl Wgpu {
         });
         let max_binding = have.max_storage_buffer_binding_size.min(have.max_buffer_size);
         let info = adapter.get_info();
-        Ok(Wgpu { device, queue, info, max_binding, kernels, ring, state: RefCell::default(), tiled: std::cell::Cell::new(true) })
+        let (adapter_features, adapter_limits) = (adapter.features(), have);
+        Ok(Wgpu {
+            device,
+            queue,
+            info,
+            adapter_features,
+            adapter_limits,
+            max_binding,
+            kernels,
+            ring,
+            state: RefCell::default(),
+            tiled: std::cell::Cell::new(true),
+        })
     }
 
     pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
         &self.info
+    }
+
+    /// What the adapter offers (the device itself asks for little of it).
+    pub fn adapter_features(&self) -> wgpu::Features {
+        self.adapter_features
+    }
+
+    pub fn adapter_limits(&self) -> &wgpu::Limits {
+        &self.adapter_limits
     }
 
     /// Chooses the tiled convolution kernels (the default) or only the direct ones; tests and
