@@ -342,12 +342,17 @@ impl Wgpu {
         let mut encoder = self.device.create_command_encoder(&Default::default());
         encoder.copy_buffer_to_buffer(src, (range.start * 4) as u64, &staging, 0, bytes);
         self.queue.submit([encoder.finish()]);
+        self.map_read(&staging).await
+    }
+
+    /// The contents of a `MAP_READ` buffer once the work writing it is done.
+    async fn map_read(&self, staging: &wgpu::Buffer) -> Vec<u8> {
         let (tx, rx) = futures_channel::oneshot::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
         });
         self.wait();
-        rx.await.expect("the map callback ran").expect("mapping the readback buffer");
+        rx.await.expect("the map callback ran").expect("mapping a readback buffer");
         let data = staging.get_mapped_range(..).expect("mapped").to_vec();
         staging.unmap();
         data

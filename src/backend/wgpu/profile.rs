@@ -98,13 +98,7 @@ impl Wgpu {
         let period_ns = self.queue.get_timestamp_period() as f64;
         let mut totals: HashMap<String, KernelTime> = HashMap::new();
         for (staging, labels) in profiler.done {
-            let (tx, rx) = futures_channel::oneshot::channel();
-            staging.map_async(wgpu::MapMode::Read, .., move |r| {
-                let _ = tx.send(r);
-            });
-            self.wait();
-            rx.await.expect("the map callback ran").expect("mapping the timestamps");
-            let bytes = staging.get_mapped_range(..).expect("mapped").to_vec();
+            let bytes = self.map_read(&staging).await;
             let ticks: Vec<u64> = bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
             for (label, pair) in labels.into_iter().zip(ticks.chunks_exact(2)) {
                 let t = totals.entry(label.name.clone()).or_insert(KernelTime { name: label.name, calls: 0, seconds: 0.0, flops: 0.0 });
