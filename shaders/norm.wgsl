@@ -30,6 +30,11 @@ fn bias_gelu_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     out1[e] = gelu(z);
 }
 
+// The index in (n, h, w, c) of element i (row-major) of pooling window (b, oy, ox).
+fn window_index(b: u32, oy: u32, ox: u32, i: u32, ch: u32) -> u32 {
+    return ((b * p.h + oy * p.pool + i / p.pool) * p.w + ox * p.pool + i % p.pool) * p.c + ch;
+}
+
 // out0 (n, oh, ow, c) = max-pool of in0 (n, h, w, c) over pool×pool windows (floor).
 @compute @workgroup_size(256)
 fn max_pool_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -44,7 +49,7 @@ fn max_pool_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     let b = px / (p.ow * p.oh);
     var best = -3.4e38;
     for (var i = 0u; i < p.pool * p.pool; i++) {
-        let v = in0[((b * p.h + oy * p.pool + i / p.pool) * p.w + ox * p.pool + i % p.pool) * p.c + ch];
+        let v = in0[window_index(b, oy, ox, i, ch)];
         best = max(best, v);
     }
     out0[e] = best;
@@ -70,7 +75,7 @@ fn max_pool_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         var best = -3.4e38;
         var arg = 0u;
         for (var i = 0u; i < p.pool * p.pool; i++) {
-            let v = in0[((b * p.h + oy * p.pool + i / p.pool) * p.w + ox * p.pool + i % p.pool) * p.c + ch];
+            let v = in0[window_index(b, oy, ox, i, ch)];
             if (v > best) {
                 best = v;
                 arg = i;
@@ -89,6 +94,12 @@ fn chunk_rows(wg: vec3<u32>) -> vec2<u32> {
     return vec2<u32>(first, min(first + p.chunk_rows, p.rows));
 }
 
+// The pair of sums of this chunk (wg.x) and channel.
+fn store_partial(wg: vec3<u32>, ch: u32, a: f32, b: f32) {
+    part[(wg.x * p.c + ch) * 2u] = a;
+    part[(wg.x * p.c + ch) * 2u + 1u] = b;
+}
+
 // part = (Σ in0, 0) per chunk and channel.
 @compute @workgroup_size(64)
 fn partials_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -101,8 +112,7 @@ fn partials_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     for (var row = r.x; row < r.y; row++) {
         s += in0[row * p.c + ch];
     }
-    part[(wg.x * p.c + ch) * 2u] = s;
-    part[(wg.x * p.c + ch) * 2u + 1u] = 0.0;
+    store_partial(wg, ch, s, 0.0);
 }
 
 // part = (Σ (in0 − mean)², 0), with the mean in in1[0..c].
@@ -119,8 +129,7 @@ fn partials_sqdev(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         let d = in0[row * p.c + ch] - mean;
         s += d * d;
     }
-    part[(wg.x * p.c + ch) * 2u] = s;
-    part[(wg.x * p.c + ch) * 2u + 1u] = 0.0;
+    store_partial(wg, ch, s, 0.0);
 }
 
 // part = (Σ in1 · gelu'(in0), 0): the gradient of a bias before a GELU (in0 = z, in1 = da).
@@ -135,8 +144,7 @@ fn partials_gelu_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
     for (var row = r.x; row < r.y; row++) {
         s += in1[row * p.c + ch] * gelu_grad(in0[row * p.c + ch]);
     }
-    part[(wg.x * p.c + ch) * 2u] = s;
-    part[(wg.x * p.c + ch) * 2u + 1u] = 0.0;
+    store_partial(wg, ch, s, 0.0);
 }
 
 // BN backward, first pass: out0 = dz = da · gelu'(z) in place (out0 holds da, in0 = z,
@@ -158,8 +166,7 @@ fn partials_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
         s += dz;
         sx += dz * (z - beta);
     }
-    part[(wg.x * p.c + ch) * 2u] = s;
-    part[(wg.x * p.c + ch) * 2u + 1u] = sx;
+    store_partial(wg, ch, s, sx);
 }
 
 // Σ over chunks of part, for channel ch.

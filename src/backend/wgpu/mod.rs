@@ -118,7 +118,7 @@ struct Kernel {
 struct State {
     encoder: Option<wgpu::CommandEncoder>,
     params: Vec<u8>, // the parameter slots of the open encoder
-    bind_groups: HashMap<(String, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+    bind_groups: HashMap<(&'static str, Vec<wgpu::Buffer>), wgpu::BindGroup>,
     scratch: HashMap<&'static str, Buf>,
     profiler: Option<profile::Profiler>,
     /// What the next dispatch computes, while profiling (see `label_next`).
@@ -254,7 +254,7 @@ impl Wgpu {
 
     /// Records one dispatch of `entry` with `params` (u32 words; f32 as bits) over
     /// `groups` workgroups, binding `bufs` to the entry's bindings in order.
-    fn run(&self, entry: &str, params: &[u32], bufs: &[&wgpu::Buffer], groups: [u32; 3]) {
+    fn run(&self, entry: &'static str, params: &[u32], bufs: &[&wgpu::Buffer], groups: [u32; 3]) {
         let kernel = &self.kernels[entry];
         assert_eq!(bufs.len(), kernel.slots.len(), "{entry}: wrong number of buffers");
         if groups.contains(&0) {
@@ -274,7 +274,7 @@ impl Wgpu {
             dst.copy_from_slice(&word.to_le_bytes());
         }
         st.params.extend_from_slice(&slot);
-        let key = (entry.to_string(), bufs.iter().map(|&b| b.clone()).collect::<Vec<_>>());
+        let key = (entry, bufs.iter().map(|&b| b.clone()).collect::<Vec<_>>());
         if !st.bind_groups.contains_key(&key) {
             let mut entries = vec![wgpu::BindGroupEntry {
                 binding: 0,
