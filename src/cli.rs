@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+#[cfg(feature = "cuda")]
+use speedrun::backend::cuda::{self, Cuda};
 #[cfg(feature = "wgpu")]
 use speedrun::backend::wgpu::{self as webgpu, Wgpu};
 use speedrun::backend::{block_on, cpu::Cpu, Backend};
@@ -30,6 +32,9 @@ enum BackendKind {
 enum Command {
     /// Train the airbench94 network (downloads CIFAR-10 first if it is missing).
     Train(TrainArgs),
+    /// Time `--runs` training runs by the recipe's protocol: one untimed warm-up run first
+    /// (kernel loading, cuDNN plans, caches), then each run on the clock; mean ± std at the end.
+    Bench(TrainArgs),
     /// Download CIFAR-10 (binary version) into the data folder.
     Download {
         #[arg(long)]
@@ -145,6 +150,8 @@ enum Chosen {
     Cpu(Cpu),
     #[cfg(feature = "wgpu")]
     Wgpu(Box<Wgpu>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<Cuda>),
 }
 
 macro_rules! with_backend {
@@ -159,22 +166,31 @@ macro_rules! with_backend {
                 let $b = &*$b;
                 $body
             }
+            #[cfg(feature = "cuda")]
+            Chosen::Cuda($b) => {
+                let $b = &*$b;
+                $body
+            }
         }
     };
 }
 
 /// The backends this build has.
-fn built_backends() -> &'static str {
-    if cfg!(feature = "wgpu") {
-        "cpu, wgpu"
-    } else {
-        "cpu"
-    }
+fn built_backends() -> String {
+    let built = [("cpu", true), ("wgpu", cfg!(feature = "wgpu")), ("cuda", cfg!(feature = "cuda"))];
+    built.iter().filter(|b| b.1).map(|b| b.0).collect::<Vec<_>>().join(", ")
 }
 
-/// The backend asked for, or the fastest one available: wgpu on a real GPU, else the CPU
-/// (a CPU-emulated adapter such as lavapipe is far slower than the CPU backend).
+/// The backend asked for, or the fastest one available: CUDA where this build has it and a
+/// driver is present, then wgpu on a real GPU, else the CPU (a CPU-emulated adapter such as
+/// lavapipe is far slower than the CPU backend).
 fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
+    #[cfg(feature = "cuda")]
+    if kind == Some(BackendKind::Cuda) || (kind.is_none() && cuda::check_libraries().is_ok()) {
+        let c = Cuda::new()?;
+        println!("cuda: {}; {}", c.device_name(), c.versions());
+        return Ok(Chosen::Cuda(Box::new(c)));
+    }
     match kind {
         Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::new())),
         #[cfg(feature = "wgpu")]
@@ -188,11 +204,10 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
         },
         #[cfg(not(feature = "wgpu"))]
         None => Ok(Chosen::Cpu(Cpu::new())),
-        Some(other) => bail!(
-            "backend `{}` is not available in this build; available backends: {}",
-            format!("{other:?}").to_lowercase(),
-            built_backends()
-        ),
+        Some(other) => {
+            let name = format!("{other:?}").to_lowercase();
+            bail!("backend `{name}` is not in this build (rebuild with `--features {name}`); this build has: {}", built_backends())
+        }
     }
 }
 
@@ -228,7 +243,18 @@ fn info() {
     }
     #[cfg(not(feature = "wgpu"))]
     println!("wgpu: not built (build with the `wgpu` feature)");
-    println!("cuda: not built (the CUDA backend is not implemented yet)");
+    #[cfg(feature = "cuda")]
+    match Cuda::new() {
+        Ok(c) => {
+            println!("cuda: {}; {}", c.device_name(), c.versions());
+            for lib in cuda::loaded_libraries() {
+                println!("      loaded {lib}");
+            }
+        }
+        Err(e) => println!("cuda: unavailable: {e:#}"),
+    }
+    #[cfg(not(feature = "cuda"))]
+    println!("cuda: not built (build with `--features cuda`)");
 }
 
 pub fn main() {
@@ -240,7 +266,8 @@ pub fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args)),
+        Command::Train(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args, false)),
+        Command::Bench(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args, true)),
         Command::Info => {
             info();
             Ok(())
@@ -315,7 +342,7 @@ fn format_row(run: u32, e: &EpochLog) -> String {
     format!("{run:>4}  {:>5}  {:>10.4}  {:>9.4}  {:>7.4}  {tta:>7}  {:>7.2}", e.epoch, e.train_loss, e.train_acc, e.val_acc, e.seconds)
 }
 
-fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
+fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<()> {
     let cfg =
         Config { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, widths: args.widths, seed: args.seed, ..Config::default() };
     cfg.validate()?;
@@ -353,6 +380,12 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs) -> Result<()> {
         cfg.batch_size,
         trainer.total_steps
     );
+    if warm_up {
+        let started = std::time::Instant::now();
+        trainer.reset(args.seed);
+        block_on(train::run(&mut trainer, &test_data, &mut plain, &mut tta, &mut |_| Flow::Continue))?;
+        println!("warm-up run (not counted): {:.2} s", started.elapsed().as_secs_f64());
+    }
     println!("{HEADER}");
     let live = std::io::stderr().is_terminal();
     let mut last_print = std::time::Instant::now();

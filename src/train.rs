@@ -367,6 +367,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let (b, cfg, bs) = (self.b, &self.cfg, self.cfg.batch_size);
         let net = &mut self.net;
         let rows = batch * bs..(batch + 1) * bs;
+        b.begin_step();
         b.load_batch(
             &self.train.images,
             View { buf: &self.order, range: rows.clone() },
@@ -395,6 +396,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
             b.lookahead(decay as f32, all_mut(&mut self.ema_params, layout.params_len()), all_mut(&mut net.params, layout.params_len()));
             b.lookahead(decay as f32, all_mut(&mut self.ema_running, layout.running_len), all_mut(&mut net.running, layout.running_len));
         }
+        b.end_step();
     }
 
     /// Mean train loss and accuracy over the steps of the current epoch so far.

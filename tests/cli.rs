@@ -132,8 +132,13 @@ fn bad_flags_and_paths_are_clean_errors() {
     let dir = tmp.path().to_str().unwrap();
     small_data(tmp.path(), |_| {});
     fails_with(&speedrun(&["train", "--widths", "1,2"], &[]), 2, "three positive widths");
-    let built = if cfg!(feature = "wgpu") { "available backends: cpu, wgpu" } else { "available backends: cpu" };
-    fails_with(&speedrun(&["train", "--backend", "cuda"], &[]), 1, built);
+    // `--backend cuda` where it cannot run: a clean error naming the fix.
+    #[cfg(not(feature = "cuda"))]
+    fails_with(&speedrun(&["train", "--backend", "cuda"], &[]), 1, "not in this build (rebuild with `--features cuda`)");
+    #[cfg(feature = "cuda")]
+    if let Err(missing) = speedrun::backend::cuda::check_libraries() {
+        fails_with(&speedrun(&["train", "--backend", "cuda"], &[]), 1, &missing.to_string());
+    }
     fails_with(&speedrun(&["train", "--backend", "tpu"], &[]), 2, "possible values: cpu, wgpu, cuda");
     fails_with(&speedrun(&["train", "--data-dir", dir, "--epochs", "0"], &[]), 1, "--epochs must be positive");
     fails_with(&speedrun(&[&["train", "--data-dir", dir, "--batch-size", "100"][..], &TINY].concat(), &[]), 1, "batch size (100)");

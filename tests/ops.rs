@@ -1,7 +1,7 @@
 //! Every backend op against independent float64 loops written here, and every backward op
 //! against central finite differences of its forward. Each test body is generic over
 //! `Backend` and instantiated per backend by `backend_tests!` (CPU; wgpu, skipped with a
-//! message when no adapter exists).
+//! message when no adapter exists; CUDA with the `cuda` feature, skipped without a driver).
 
 mod common;
 
@@ -241,7 +241,8 @@ pub fn pool_bn_gelu<B: Backend>(b: &B) {
         let (want_a, want_dy, want_dbeta, want_running) = pool_bn_gelu_ref(&s, &y, &beta, &r);
         assert_close(&format!("pool{pool} bn gelu"), &read(b, &a, out), &want_a, 1e-5);
         assert_close(&format!("pool{pool} running stats (unbiased var)"), &running, &want_running, 1e-5);
-        let (mut dy, mut dbeta) = (b.zeros(y.len()), b.zeros(s.c));
+        // dy starts with stale values: the op must write every position, pooled away or not.
+        let (mut dy, mut dbeta) = (upload(b, &vec![7.0; y.len()]), b.zeros(s.c));
         let mut da = upload(b, &r);
         b.pool_bn_gelu_backward(s, &upload(b, &y), &z, &saved, all(&upload(b, &beta), s.c), &mut da, &mut dy, all_mut(&mut dbeta, s.c));
         let (dy, dbeta) = (read(b, &dy, y.len()), read(b, &dbeta, s.c));
@@ -266,7 +267,7 @@ pub fn max_pool<B: Backend>(b: &B) {
         b.max_pool_forward(s, &upload(b, x), &mut y);
         read(b, &y, out)
     };
-    let mut dx = b.zeros(x.len());
+    let mut dx = upload(b, &vec![7.0; x.len()]); // stale values, all to be overwritten
     b.max_pool_backward(s, &upload(b, &x), &upload(b, &r), &mut dx);
     let dx = read(b, &dx, x.len());
     check_grad("max_pool dx", &mut x, &dx, 1e-2, |x| dot(&forward(x), &r));
@@ -470,3 +471,6 @@ all_ops!(cpu, Some(speedrun::backend::cpu::Cpu::new()));
 all_ops!(wgpu_tiled, crate::common::wgpu_device().inspect(|g| g.set_tiled_convolutions(true)));
 #[cfg(feature = "wgpu")]
 all_ops!(wgpu_direct, crate::common::wgpu_device().inspect(|g| g.set_tiled_convolutions(false)));
+// cuDNN with exact f32 math: the tolerances here are for f32 (TF32 is tested by training).
+#[cfg(feature = "cuda")]
+all_ops!(cuda, crate::common::cuda_device(false));

@@ -9,6 +9,8 @@
 //! - Ops that take `n` work on the first `n` images of buffers sized for a larger batch.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 
@@ -40,7 +42,7 @@ pub struct ViewMut<'a, T> {
 }
 
 /// A stride-1 convolution with square kernel `k` and zero padding `pad`.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConvShape {
     pub n: usize,
     pub h: usize,
@@ -150,6 +152,10 @@ pub trait Backend {
     fn read(&self, src: View<Self::Tensor>) -> impl Future<Output = Vec<f32>>;
     /// Resolves when all queued work is done (for timing).
     fn sync(&self) -> impl Future<Output = ()>;
+    /// Bracket the ops of one training step. A backend may record them and replay them as
+    /// one unit (CUDA graphs); by default they just run as they come.
+    fn begin_step(&self) {}
+    fn end_step(&self) {}
 
     // ---- data ----
     /// Gathers `n` images `index[i]` of `images` under the views `crops[i]` (packed `Crop`s),

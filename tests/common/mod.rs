@@ -56,6 +56,23 @@ pub fn wgpu_device() -> Option<speedrun::backend::wgpu::Wgpu> {
     }
 }
 
+/// The CUDA backend on GPU 0, with TF32 convolutions on or off, or None (with a message) where
+/// there is no driver. With `SPEEDRUN_REQUIRE_CUDA=1` (set on GPU machines) that fails the test.
+#[cfg(feature = "cuda")]
+pub fn cuda_device(tf32: bool) -> Option<speedrun::backend::cuda::Cuda> {
+    match speedrun::backend::cuda::Cuda::new() {
+        Ok(device) => {
+            device.set_tf32(tf32);
+            Some(device)
+        }
+        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_CUDA").is_none() => {
+            eprintln!("SKIPPED: no CUDA device ({e:#}); set SPEEDRUN_REQUIRE_CUDA=1 to make this a failure");
+            None
+        }
+        Err(e) => panic!("SPEEDRUN_REQUIRE_CUDA is set but the CUDA backend cannot start: {e:#}"),
+    }
+}
+
 /// Largest absolute difference, relative to the largest magnitude in `want`.
 pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len(), "lengths differ");

@@ -1,0 +1,88 @@
+// The classifier head: linear layer (no bias) forward and backward, and the label-smoothed
+// cross-entropy summed over the batch.
+
+// y (n, c_out) = scale · x (n, c_in) · wᵀ, w (c_out, c_in).
+extern "C" __global__ void linear_fwd(const float* x, const float* w, float* y, unsigned n, unsigned c_in, unsigned c_out, float scale) {
+    FOR_EACH(e, n * c_out) {
+        unsigned b = e / c_out, o = e % c_out;
+        float s = 0.0f;
+        for (unsigned i = 0; i < c_in; i++) s = fmaf(x[b * c_in + i], w[o * c_in + i], s);
+        y[e] = scale * s;
+    }
+}
+
+// dx (n, c_in) = scale · dy (n, c_out) · w.
+extern "C" __global__ void linear_bwd_data(const float* dy, const float* w, float* dx, unsigned n, unsigned c_in, unsigned c_out, float scale) {
+    FOR_EACH(e, n * c_in) {
+        unsigned b = e / c_in, i = e % c_in;
+        float s = 0.0f;
+        for (unsigned o = 0; o < c_out; o++) s = fmaf(dy[b * c_out + o], w[o * c_in + i], s);
+        dx[e] = scale * s;
+    }
+}
+
+// dw (c_out, c_in) = scale · dyᵀ · x.
+extern "C" __global__ void linear_bwd_filter(const float* dy, const float* x, float* dw, unsigned n, unsigned c_in, unsigned c_out, float scale) {
+    FOR_EACH(e, c_out * c_in) {
+        unsigned o = e / c_in, i = e % c_in;
+        float s = 0.0f;
+        for (unsigned b = 0; b < n; b++) s = fmaf(dy[b * c_out + o], x[b * c_in + i], s);
+        dw[e] = scale * s;
+    }
+}
+
+#define CE_THREADS 256
+
+// Per row of logits (n, 10): the smoothed cross-entropy and whether the argmax (first
+// maximum) is the label; dlogits = its gradient when not null. Block g's two sums go to
+// part[2g], part[2g + 1]. Launched with CE_THREADS threads per block, one row per thread.
+extern "C" __global__ void cross_entropy(const float* logits, const unsigned* labels, float* dlogits, float* part, unsigned n, float smoothing) {
+    __shared__ float loss_sum[CE_THREADS], correct_sum[CE_THREADS];
+    unsigned b = blockIdx.x * CE_THREADS + threadIdx.x;
+    float loss = 0.0f, correct = 0.0f;
+    if (b < n) {
+        const float* l = logits + b * 10u;
+        unsigned label = labels[b], arg = 0;
+        float best = l[0];
+        for (unsigned j = 1; j < 10u; j++) {
+            if (l[j] > best) {
+                best = l[j];
+                arg = j;
+            }
+        }
+        float sum = 0.0f;
+        for (unsigned j = 0; j < 10u; j++) sum += expf(l[j] - best);
+        float lse = best + logf(sum);
+        for (unsigned j = 0; j < 10u; j++) {
+            float t = smoothing / 10.0f + (j == label ? 1.0f - smoothing : 0.0f);
+            loss += t * (lse - l[j]);
+            if (dlogits) dlogits[b * 10u + j] = expf(l[j] - lse) - t;
+        }
+        correct = arg == label ? 1.0f : 0.0f;
+    }
+    loss_sum[threadIdx.x] = loss;
+    correct_sum[threadIdx.x] = correct;
+    __syncthreads();
+    for (unsigned stride = CE_THREADS / 2; stride > 0; stride /= 2) {
+        if (threadIdx.x < stride) {
+            loss_sum[threadIdx.x] += loss_sum[threadIdx.x + stride];
+            correct_sum[threadIdx.x] += correct_sum[threadIdx.x + stride];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        part[2 * blockIdx.x] = loss_sum[0];
+        part[2 * blockIdx.x + 1] = correct_sum[0];
+    }
+}
+
+// stats[0..2] += Σ part over the `blocks` blocks of `cross_entropy`, in order.
+extern "C" __global__ void cross_entropy_total(const float* part, float* stats, unsigned blocks) {
+    float loss = 0.0f, correct = 0.0f;
+    for (unsigned g = 0; g < blocks; g++) {
+        loss += part[2 * g];
+        correct += part[2 * g + 1];
+    }
+    stats[0] += loss;
+    stats[1] += correct;
+}

@@ -1,0 +1,181 @@
+//! cuDNN convolutions: one plan (descriptors and algorithm) per conv shape and pass, made on
+//! first use. The algorithm is chosen by timing every one cuDNN accepts on the real buffers,
+//! as PyTorch's `cudnn.benchmark`; this happens in the first training step (the warm-up run
+//! of `speedrun bench`), never in a captured or timed step.
+
+use super::Cuda;
+use crate::backend::ConvShape;
+use cudarc::cudnn::{self, sys as dnn, ConvDescriptor, CudnnError, FilterDescriptor, TensorDescriptor};
+use cudarc::driver::{sys::CUevent_flags, CudaSlice};
+use std::rc::Rc;
+
+/// Which convolution pass a plan is for.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub(super) enum Pass {
+    Forward,
+    BackwardData,
+    BackwardFilter,
+}
+
+/// cuDNN's algorithm for one pass.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) enum Algo {
+    Forward(dnn::cudnnConvolutionFwdAlgo_t),
+    BackwardData(dnn::cudnnConvolutionBwdDataAlgo_t),
+    BackwardFilter(dnn::cudnnConvolutionBwdFilterAlgo_t),
+}
+
+impl Algo {
+    /// Every algorithm of `pass`. `exact` leaves out the FFT and Winograd transforms, which
+    /// round differently from a direct sum, for the f32 comparisons with the CPU.
+    fn candidates(pass: Pass, exact: bool) -> Vec<Algo> {
+        use dnn::cudnnConvolutionBwdDataAlgo_t as D;
+        use dnn::cudnnConvolutionBwdFilterAlgo_t as F;
+        use dnn::cudnnConvolutionFwdAlgo_t as X;
+        let all: Vec<Algo> = match pass {
+            Pass::Forward => [
+                X::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                X::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+            ]
+            .map(Algo::Forward)
+            .to_vec(),
+            Pass::BackwardData => [
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_0,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_1,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+                D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
+            ]
+            .map(Algo::BackwardData)
+            .to_vec(),
+            Pass::BackwardFilter => [
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_0,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_1,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_3,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+                F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
+            ]
+            .map(Algo::BackwardFilter)
+            .to_vec(),
+        };
+        all.into_iter().filter(|a| !exact || !a.is_transform()).collect()
+    }
+
+    fn is_transform(&self) -> bool {
+        let name = format!("{self:?}");
+        name.contains("FFT") || name.contains("WINOGRAD")
+    }
+}
+
+/// Descriptors and algorithm for one pass of one conv shape.
+pub(super) struct ConvPlan {
+    pub conv: ConvDescriptor<f32>,
+    pub x: TensorDescriptor<f32>, // (n, h, w, c_in) NHWC
+    pub w: FilterDescriptor<f32>, // (c_out, k, k, c_in) OHWI = cuDNN's NHWC filter layout
+    pub y: TensorDescriptor<f32>, // (n, oh, ow, c_out) NHWC
+    pub algo: Algo,
+}
+
+impl ConvPlan {
+    /// Bytes of workspace `algo` needs on this plan (an error where cuDNN has no kernel for it).
+    fn workspace_size(&self, algo: Algo) -> Result<usize, CudnnError> {
+        let (conv, x, w, y) = (&self.conv, &self.x, &self.w, &self.y);
+        match algo {
+            Algo::Forward(a) => cudnn::ConvForward { conv, x, w, y }.get_workspace_size(a),
+            Algo::BackwardData(a) => cudnn::ConvBackwardData { conv, dx: x, w, dy: y }.get_workspace_size(a),
+            Algo::BackwardFilter(a) => cudnn::ConvBackwardFilter { conv, x, dw: w, dy: y }.get_workspace_size(a),
+        }
+    }
+}
+
+/// Runs one pass of a plan with the given algorithm and workspace.
+pub(super) type Launch<'a> = dyn FnMut(&ConvPlan, Algo, &mut CudaSlice<u8>) -> Result<(), CudnnError> + 'a;
+
+/// Algorithms needing more workspace than this are not tried.
+const MAX_WORKSPACE: usize = 512 << 20;
+
+impl Cuda {
+    /// Runs pass `pass` of conv `s` through `launch`, planning it first if it is new.
+    pub(super) fn run_conv(&self, s: ConvShape, pass: Pass, launch: &mut Launch) {
+        let known = self.plans.borrow().get(&(s, pass)).cloned();
+        let plan = known.unwrap_or_else(|| {
+            self.count_allocation();
+            let plan = Rc::new(self.make_plan(s, pass, launch).unwrap_or_else(|e| panic!("cuDNN cannot plan {pass:?} of {s:?}: {e:?}")));
+            self.plans.borrow_mut().insert((s, pass), plan.clone());
+            plan
+        });
+        let mut workspace = self.workspace.borrow_mut();
+        if let Err(e) = launch(&plan, plan.algo, &mut workspace) {
+            panic!("cuDNN {pass:?} of {s:?} with {:?} failed: {e:?}", plan.algo);
+        }
+    }
+
+    fn make_plan(&self, s: ConvShape, pass: Pass, launch: &mut Launch) -> Result<ConvPlan, CudnnError> {
+        let nhwc = dnn::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+        let dims = |n: usize, c: usize, h: usize, w: usize| [n, c, h, w].map(|d| d as i32);
+        let pad = s.pad as i32;
+        let mut conv = self.cudnn.create_conv2d::<f32>([pad, pad], [1, 1], [1, 1], dnn::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)?;
+        let exact = !self.tf32.get();
+        conv.set_math_type(if exact { dnn::cudnnMathType_t::CUDNN_FMA_MATH } else { dnn::cudnnMathType_t::CUDNN_DEFAULT_MATH })?;
+        let x = self.cudnn.create_4d_tensor::<f32>(nhwc, dims(s.n, s.c_in, s.h, s.w))?;
+        let w = self.cudnn.create_4d_filter::<f32>(nhwc, dims(s.c_out, s.c_in, s.k, s.k))?;
+        let y = self.cudnn.create_4d_tensor::<f32>(nhwc, dims(s.n, s.c_out, s.out_h(), s.out_w()))?;
+        // cuDNN's heuristic choice, kept if no other algorithm is faster.
+        let heuristic = match pass {
+            Pass::Forward => Algo::Forward(cudnn::ConvForward { conv: &conv, x: &x, w: &w, y: &y }.pick_algorithm()?),
+            Pass::BackwardData => Algo::BackwardData(cudnn::ConvBackwardData { conv: &conv, dx: &x, w: &w, dy: &y }.pick_algorithm()?),
+            Pass::BackwardFilter => {
+                Algo::BackwardFilter(cudnn::ConvBackwardFilter { conv: &conv, x: &x, dw: &w, dy: &y }.pick_algorithm()?)
+            }
+        };
+        let mut plan = ConvPlan { conv, x, w, y, algo: heuristic };
+        let mut best = (f32::INFINITY, heuristic);
+        let mut tried = Vec::new();
+        for algo in std::iter::once(heuristic).chain(Algo::candidates(pass, exact).into_iter().filter(|&a| a != heuristic)) {
+            let Ok(bytes) = plan.workspace_size(algo) else { continue };
+            if bytes > MAX_WORKSPACE {
+                continue;
+            }
+            if let Some(ms) = self.time_conv(&plan, algo, bytes, launch) {
+                tried.push(format!("{algo:?} {ms:.3} ms"));
+                if ms < best.0 {
+                    best = (ms, algo);
+                }
+            }
+        }
+        plan.algo = best.1;
+        if std::env::var_os("SPEEDRUN_CUDA_LOG").is_some() {
+            eprintln!("cuDNN {pass:?} {}→{} {}² n={}: {:?}; tried {}", s.c_in, s.c_out, s.h, s.n, plan.algo, tried.join(", "));
+        }
+        Ok(plan)
+    }
+
+    /// Milliseconds of one run of `algo` (the faster of two), or None where it fails.
+    fn time_conv(&self, plan: &ConvPlan, algo: Algo, bytes: usize, launch: &mut Launch) -> Option<f32> {
+        let mut workspace = self.workspace.borrow_mut();
+        if workspace.len() < bytes {
+            *workspace =
+                self.stream.alloc_zeros::<u8>(bytes).unwrap_or_else(|e| panic!("cannot allocate a {bytes}-byte cuDNN workspace: {e:?}"));
+        }
+        let ctx = self.stream.context();
+        let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("CUDA event");
+        let (start, end) = (event(), event());
+        let mut fastest = f32::INFINITY;
+        for _ in 0..2 {
+            start.record(&self.stream).ok()?;
+            launch(plan, algo, &mut workspace).ok()?;
+            end.record(&self.stream).ok()?;
+            end.synchronize().ok()?;
+            fastest = fastest.min(start.elapsed_ms(&end).ok()?);
+        }
+        Some(fastest)
+    }
+}
