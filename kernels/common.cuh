@@ -5,6 +5,28 @@
 #define FOR_EACH(e, count) \
     for (unsigned e = blockIdx.x * blockDim.x + threadIdx.x; e < (count); e += gridDim.x * blockDim.x)
 
+// Threads per block of every kernel that sums over its block with `block_sum`.
+#define REDUCE_THREADS 256
+
+// Σ of v over the block's REDUCE_THREADS threads as a tree in a fixed order (deterministic,
+// no atomics); the result is valid in thread 0. Every thread must call it.
+__device__ float2 block_sum(float2 v) {
+    __shared__ float2 sums[REDUCE_THREADS];
+    unsigned t = threadIdx.x;
+    sums[t] = v;
+    __syncthreads();
+    for (unsigned stride = REDUCE_THREADS / 2; stride > 0; stride /= 2) {
+        if (t < stride) {
+            sums[t].x += sums[t + stride].x;
+            sums[t].y += sums[t + stride].y;
+        }
+        __syncthreads();
+    }
+    float2 total = sums[0];
+    __syncthreads(); // sums is free for the next call
+    return total;
+}
+
 // erf to about 1e-7 (the rational approximation the CPU and WGSL backends use).
 __device__ float erf_approx(float x_in) {
     float x = fminf(fmaxf(x_in, -4.0f), 4.0f);

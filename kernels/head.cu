@@ -21,24 +21,21 @@ extern "C" __global__ void linear_bwd_data(const float* dy, const float* w, floa
     }
 }
 
-// dw (c_out, c_in) = scale · dyᵀ · x.
+// dw (c_out, c_in) = scale · dyᵀ · x: one block of REDUCE_THREADS per weight, summing over
+// the batch (a loop per weight would leave most of the GPU idle: only c_out · c_in threads).
 extern "C" __global__ void linear_bwd_filter(const float* dy, const float* x, float* dw, unsigned n, unsigned c_in, unsigned c_out, float scale) {
-    FOR_EACH(e, c_out * c_in) {
-        unsigned o = e / c_in, i = e % c_in;
-        float s = 0.0f;
-        for (unsigned b = 0; b < n; b++) s = fmaf(dy[b * c_out + o], x[b * c_in + i], s);
-        dw[e] = scale * s;
-    }
+    unsigned o = blockIdx.x / c_in, i = blockIdx.x % c_in;
+    float s = 0.0f;
+    for (unsigned b = threadIdx.x; b < n; b += REDUCE_THREADS) s = fmaf(dy[b * c_out + o], x[b * c_in + i], s);
+    float2 total = block_sum(make_float2(s, 0.0f));
+    if (threadIdx.x == 0) dw[blockIdx.x] = scale * total.x;
 }
-
-#define CE_THREADS 256
 
 // Per row of logits (n, 10): the smoothed cross-entropy and whether the argmax (first
 // maximum) is the label; dlogits = its gradient when not null. Block g's two sums go to
-// part[2g], part[2g + 1]. Launched with CE_THREADS threads per block, one row per thread.
+// part[2g], part[2g + 1]. Blocks of REDUCE_THREADS threads, one row per thread.
 extern "C" __global__ void cross_entropy(const float* logits, const unsigned* labels, float* dlogits, float* part, unsigned n, float smoothing) {
-    __shared__ float loss_sum[CE_THREADS], correct_sum[CE_THREADS];
-    unsigned b = blockIdx.x * CE_THREADS + threadIdx.x;
+    unsigned b = blockIdx.x * REDUCE_THREADS + threadIdx.x;
     float loss = 0.0f, correct = 0.0f;
     if (b < n) {
         const float* l = logits + b * 10u;
@@ -60,19 +57,10 @@ extern "C" __global__ void cross_entropy(const float* logits, const unsigned* la
         }
         correct = arg == label ? 1.0f : 0.0f;
     }
-    loss_sum[threadIdx.x] = loss;
-    correct_sum[threadIdx.x] = correct;
-    __syncthreads();
-    for (unsigned stride = CE_THREADS / 2; stride > 0; stride /= 2) {
-        if (threadIdx.x < stride) {
-            loss_sum[threadIdx.x] += loss_sum[threadIdx.x + stride];
-            correct_sum[threadIdx.x] += correct_sum[threadIdx.x + stride];
-        }
-        __syncthreads();
-    }
+    float2 total = block_sum(make_float2(loss, correct));
     if (threadIdx.x == 0) {
-        part[2 * blockIdx.x] = loss_sum[0];
-        part[2 * blockIdx.x + 1] = correct_sum[0];
+        part[2 * blockIdx.x] = total.x;
+        part[2 * blockIdx.x + 1] = total.y;
     }
 }
 

@@ -118,28 +118,15 @@ extern "C" __global__ void partials_bn_bwd(const float* z, const float* beta, fl
     out[1] = sx;
 }
 
-#define FINALIZE_THREADS 256
-
-// Σ over the chunks of part for channel blockIdx.x, in a fixed order (deterministic), valid in
-// thread 0. The `finalize_*` kernels run one block of FINALIZE_THREADS per channel.
+// Σ over the chunks of part for channel blockIdx.x, in a fixed order, valid in thread 0. The
+// `finalize_*` kernels run one block of REDUCE_THREADS per channel.
 __device__ float2 channel_total(const float* part, unsigned c, unsigned chunks) {
-    __shared__ float2 sums[FINALIZE_THREADS];
-    unsigned t = threadIdx.x, ch = blockIdx.x;
     float2 s = make_float2(0.0f, 0.0f);
-    for (unsigned k = t; k < chunks; k += FINALIZE_THREADS) {
-        s.x += part[(k * c + ch) * 2u];
-        s.y += part[(k * c + ch) * 2u + 1u];
+    for (unsigned k = threadIdx.x; k < chunks; k += REDUCE_THREADS) {
+        s.x += part[(k * c + blockIdx.x) * 2u];
+        s.y += part[(k * c + blockIdx.x) * 2u + 1u];
     }
-    sums[t] = s;
-    __syncthreads();
-    for (unsigned stride = FINALIZE_THREADS / 2; stride > 0; stride /= 2) {
-        if (t < stride) {
-            sums[t].x += sums[t + stride].x;
-            sums[t].y += sums[t + stride].y;
-        }
-        __syncthreads();
-    }
-    return sums[0];
+    return block_sum(s);
 }
 
 // out (c) = Σ (a bias gradient).
@@ -189,22 +176,23 @@ extern "C" __global__ void finalize_bn_bwd(const float* part, float* dbeta, floa
     }
 }
 
-// z = (z − mean)·(1/std) + β in place (z holds the pooled values); a = gelu(z).
-extern "C" __global__ void bn_gelu_apply(float* z, const float* saved, const float* beta, float* a, unsigned rows, unsigned c) {
+// z = (pooled − mean)·(1/std) + β; a = gelu(z).
+extern "C" __global__ void bn_gelu_apply(const float* pooled, const float* saved, const float* beta, float* z, float* a, unsigned rows,
+                                         unsigned c) {
     FOR_EACH(e, rows * c) {
         unsigned ch = e % c;
-        float v = (z[e] - saved[ch]) * saved[c + ch] + beta[ch];
+        float v = (pooled[e] - saved[ch]) * saved[c + ch] + beta[ch];
         z[e] = v;
         a[e] = gelu(v);
     }
 }
 
-// da (holding dz) becomes d(pooled) = (1/std)·(dz − mean dz − x̂·mean dz·x̂) in place.
-extern "C" __global__ void bn_bwd_apply(float* da, const float* z, const float* beta, const float* saved, const float* means, unsigned rows,
-                                        unsigned c) {
+// d(pooled) = (1/std)·(dz − mean dz − x̂·mean dz·x̂).
+extern "C" __global__ void bn_bwd_apply(const float* dz, const float* z, const float* beta, const float* saved, const float* means,
+                                        float* dpooled, unsigned rows, unsigned c) {
     FOR_EACH(e, rows * c) {
         unsigned ch = e % c;
         float xhat = z[e] - beta[ch];
-        da[e] = saved[c + ch] * (da[e] - means[ch] - xhat * means[c + ch]);
+        dpooled[e] = saved[c + ch] * (dz[e] - means[ch] - xhat * means[c + ch]);
     }
 }

@@ -39,9 +39,13 @@ fn partials(rows: usize, c: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows.div_ceil(CHUNK_ROWS) as u32, c.div_ceil(64) as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// One block of 256 threads per channel for the `finalize_*` kernels (FINALIZE_THREADS).
-fn per_channel(c: usize) -> LaunchConfig {
-    LaunchConfig { grid_dim: (c as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+/// Threads per block of the kernels that sum over their block (REDUCE_THREADS in common.cuh).
+const REDUCE_THREADS: u32 = 256;
+
+/// `blocks` blocks of REDUCE_THREADS: one per channel (`finalize_*`), per weight
+/// (`linear_bwd_filter`), or per REDUCE_THREADS rows (`cross_entropy`).
+fn reducing(blocks: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (u(blocks.max(1)), 1, 1), block_dim: (REDUCE_THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
 /// Threads of `max_pool_bwd`: one per window of the pooling grid extended over the input.
@@ -217,7 +221,7 @@ impl Backend for Cuda {
         let (rows, cu, chunk, chunks) = (u(pixels), u(c), u(CHUNK_ROWS), Self::chunks(pixels));
         let mut part = self.take_scratch("channel partials", chunks as usize * c * 2);
         launch!(self, "partials_gelu_grad", partials(pixels, c); z, da, &mut part, &rows, &cu, &chunk);
-        launch!(self, "finalize_sum", per_channel(c); &part, &mut view_mut(&mut dbias), &cu, &chunks);
+        launch!(self, "finalize_sum", reducing(c); &part, &mut view_mut(&mut dbias), &cu, &chunks);
         self.put_scratch("channel partials", part);
     }
 
@@ -234,20 +238,28 @@ impl Backend for Cuda {
     ) {
         let (c, rows) = (s.c, s.n * s.out_h() * s.out_w());
         let (rows_u, cu, chunk, chunks) = (u(rows), u(c), u(CHUNK_ROWS), Self::chunks(rows));
-        launch!(self, "max_pool_fwd", elementwise(rows * c); y, &mut *z, &Pool::new(&s));
+        // BatchNorm reads y itself where there is no pooling, else its pooled copy.
+        let mut pooled_copy = (s.pool > 1).then(|| self.take_scratch("pooled", rows * c));
+        if let Some(p) = pooled_copy.as_mut() {
+            launch!(self, "max_pool_fwd", elementwise(rows * c); y, p, &Pool::new(&s));
+        }
+        let pooled = pooled_copy.as_ref().unwrap_or(y);
         let mut running = view_mut(&mut running);
         match mode {
             BnMode::Train { momentum, eps } => {
                 let mut part = self.take_scratch("channel partials", chunks as usize * c * 2);
-                launch!(self, "partials_sum", partials(rows, c); &*z, &mut part, &rows_u, &cu, &chunk);
-                launch!(self, "finalize_mean", per_channel(c); &part, &mut *saved, &rows_u, &cu, &chunks);
-                launch!(self, "partials_sqdev", partials(rows, c); &*z, &*saved, &mut part, &rows_u, &cu, &chunk);
-                launch!(self, "finalize_var", per_channel(c); &part, &mut *saved, &mut running, &rows_u, &cu, &chunks, &momentum, &eps);
+                launch!(self, "partials_sum", partials(rows, c); pooled, &mut part, &rows_u, &cu, &chunk);
+                launch!(self, "finalize_mean", reducing(c); &part, &mut *saved, &rows_u, &cu, &chunks);
+                launch!(self, "partials_sqdev", partials(rows, c); pooled, &*saved, &mut part, &rows_u, &cu, &chunk);
+                launch!(self, "finalize_var", reducing(c); &part, &mut *saved, &mut running, &rows_u, &cu, &chunks, &momentum, &eps);
                 self.put_scratch("channel partials", part);
             }
             BnMode::Eval { eps } => launch!(self, "eval_stats", elementwise(c); &running.as_view(), &mut *saved, &cu, &eps),
         }
-        launch!(self, "bn_gelu_apply", elementwise(rows * c); z, &*saved, &view(&beta), a, &rows_u, &cu);
+        launch!(self, "bn_gelu_apply", elementwise(rows * c); pooled, &*saved, &view(&beta), z, a, &rows_u, &cu);
+        if let Some(p) = pooled_copy {
+            self.put_scratch("pooled", p);
+        }
     }
 
     fn pool_bn_gelu_backward(
@@ -267,9 +279,15 @@ impl Backend for Cuda {
         let mut part = self.take_scratch("channel partials", chunks as usize * c * 2);
         let mut means = self.take_scratch("bn backward means", 2 * c);
         launch!(self, "partials_bn_bwd", partials(rows, c); z, &beta, &mut *da, &mut part, &rows_u, &cu, &chunk);
-        launch!(self, "finalize_bn_bwd", per_channel(c); &part, &mut view_mut(&mut dbeta), &mut means, &rows_u, &cu, &chunks);
-        launch!(self, "bn_bwd_apply", elementwise(rows * c); &mut *da, z, &beta, saved, &means, &rows_u, &cu);
-        launch!(self, "max_pool_bwd", elementwise(pool_windows(&s)); y, &*da, dy, &Pool::new(&s));
+        launch!(self, "finalize_bn_bwd", reducing(c); &part, &mut view_mut(&mut dbeta), &mut means, &rows_u, &cu, &chunks);
+        if s.pool == 1 {
+            launch!(self, "bn_bwd_apply", elementwise(rows * c); &*da, z, &beta, saved, &means, dy, &rows_u, &cu);
+        } else {
+            let mut dpooled = self.take_scratch("pooled", rows * c);
+            launch!(self, "bn_bwd_apply", elementwise(rows * c); &*da, z, &beta, saved, &means, &mut dpooled, &rows_u, &cu);
+            launch!(self, "max_pool_bwd", elementwise(pool_windows(&s)); y, &dpooled, dy, &Pool::new(&s));
+            self.put_scratch("pooled", dpooled);
+        }
         self.put_scratch("channel partials", part);
         self.put_scratch("bn backward means", means);
     }
@@ -310,7 +328,7 @@ impl Backend for Cuda {
     ) {
         let (w, nu, iu, ou) = (view(&w), u(n), u(c_in), u(c_out));
         launch!(self, "linear_bwd_data", elementwise(n * c_in); dy, &w, dx, &nu, &iu, &ou, &scale);
-        launch!(self, "linear_bwd_filter", elementwise(c_out * c_in); dy, x, &mut view_mut(&mut dw), &nu, &iu, &ou, &scale);
+        launch!(self, "linear_bwd_filter", reducing(c_out * c_in); dy, x, &mut view_mut(&mut dw), &nu, &iu, &ou, &scale);
     }
 
     fn cross_entropy(
@@ -322,9 +340,8 @@ impl Backend for Cuda {
         dlogits: Option<&mut CudaSlice<f32>>,
         stats: &mut CudaSlice<f32>,
     ) {
-        const CE_THREADS: usize = 256; // as in head.cu
-        let (blocks, nu) = (u(n.div_ceil(CE_THREADS).max(1)), u(n));
-        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (CE_THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+        let (blocks, nu) = (u(n.div_ceil(REDUCE_THREADS as usize).max(1)), u(n));
+        let cfg = reducing(blocks as usize);
         let mut part = self.take_scratch("loss partials", 2 * blocks as usize);
         match dlogits {
             Some(d) => launch!(self, "cross_entropy", cfg; logits, labels, d, &mut part, &nu, &smoothing),
