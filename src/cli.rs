@@ -186,10 +186,13 @@ fn built_backends() -> String {
 /// lavapipe is far slower than the CPU backend).
 fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
     #[cfg(feature = "cuda")]
-    if kind == Some(BackendKind::Cuda) || (kind.is_none() && cuda::check_libraries().is_ok()) {
-        let c = Cuda::new()?;
-        println!("cuda: {}; {}", c.device_name(), c.versions());
-        return Ok(Chosen::Cuda(Box::new(c)));
+    match kind {
+        Some(BackendKind::Cuda) => return Ok(Chosen::Cuda(Box::new(start_cuda()?))),
+        None if cuda::check_libraries().is_ok() => match start_cuda() {
+            Ok(c) => return Ok(Chosen::Cuda(Box::new(c))),
+            Err(e) => eprintln!("note: not using CUDA ({e:#}); trying the other backends"),
+        },
+        _ => {}
     }
     match kind {
         Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::new())),
@@ -209,6 +212,13 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
             bail!("backend `{name}` is not in this build (rebuild with `--features {name}`); this build has: {}", built_backends())
         }
     }
+}
+
+#[cfg(feature = "cuda")]
+fn start_cuda() -> Result<Cuda> {
+    let c = Cuda::new()?;
+    println!("cuda: {}; {}", c.device_name(), c.versions());
+    Ok(c)
 }
 
 fn info() {
