@@ -1,4 +1,4 @@
-//! The `speedrun` command line (native targets): train, download, info, profile, eval, predict.
+//! The `speedrun` command line (native targets): train, bench, download, info, profile, web, eval, predict.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
