@@ -28,12 +28,16 @@ fn distinct(len: usize, seed: u64) -> Vec<f32> {
     Rng::new(seed).permutation(len).iter().map(|&p| p as f32 * 0.05 - len as f32 * 0.025).collect()
 }
 
+/// Every value within `tol` of the largest magnitude in `want`; prints the largest error
+/// (seen with `--nocapture`, for reports from GPU machines).
 fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert!((*g as f64 - w).abs() <= tol * scale, "{what}[{i}]: got {g}, want {w} (scale {scale})");
     }
+    let worst = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs() / scale).fold(0.0, f64::max);
+    println!("{what}: largest error {worst:.1e} of the largest value (tolerance {tol:.0e})");
 }
 
 /// Central finite difference of `loss` along coordinate `i` of `x`.
