@@ -1,23 +1,17 @@
 // The classifier head: linear layer (no bias) forward and backward, and the label-smoothed
 // cross-entropy summed over the batch.
 
-// y (n, c_out) = scale · x (n, c_in) · wᵀ, w (c_out, c_in).
-extern "C" __global__ void linear_fwd(const float* x, const float* w, float* y, unsigned n, unsigned c_in, unsigned c_out, float scale) {
-    FOR_EACH(e, n * c_out) {
-        unsigned b = e / c_out, o = e % c_out;
+// out (n, m) = scale · a (n, k) · M, with M[kk][j] = w[j · j_stride + kk · k_stride]: both
+// products with the weight w (c_out, c_in) of a linear layer (no bias): the forward
+// y = x · wᵀ (k = c_in, m = c_out, strides c_in and 1) and the backward-data dx = dy · w
+// (k = c_out, m = c_in, strides 1 and c_in).
+extern "C" __global__ void linear_product(const float* a, const float* w, float* out, unsigned n, unsigned k, unsigned m, unsigned j_stride,
+                                          unsigned k_stride, float scale) {
+    FOR_EACH(e, n * m) {
+        unsigned b = e / m, j = e % m;
         float s = 0.0f;
-        for (unsigned i = 0; i < c_in; i++) s = fmaf(x[b * c_in + i], w[o * c_in + i], s);
-        y[e] = scale * s;
-    }
-}
-
-// dx (n, c_in) = scale · dy (n, c_out) · w.
-extern "C" __global__ void linear_bwd_data(const float* dy, const float* w, float* dx, unsigned n, unsigned c_in, unsigned c_out, float scale) {
-    FOR_EACH(e, n * c_in) {
-        unsigned b = e / c_in, i = e % c_in;
-        float s = 0.0f;
-        for (unsigned o = 0; o < c_out; o++) s = fmaf(dy[b * c_out + o], w[o * c_in + i], s);
-        dx[e] = scale * s;
+        for (unsigned kk = 0; kk < k; kk++) s = fmaf(a[b * k + kk], w[j * j_stride + kk * k_stride], s);
+        out[e] = scale * s;
     }
 }
 

@@ -254,13 +254,8 @@ fn info() {
     #[cfg(not(feature = "wgpu"))]
     println!("wgpu: not built (build with the `wgpu` feature)");
     #[cfg(feature = "cuda")]
-    match Cuda::new() {
-        Ok(c) => {
-            println!("cuda: {}; {}", c.device_name(), c.versions());
-            for lib in cuda::loaded_libraries() {
-                println!("      loaded {lib}");
-            }
-        }
+    match start_cuda() {
+        Ok(_) => cuda::loaded_libraries().iter().for_each(|lib| println!("      loaded {lib}")),
         Err(e) => println!("cuda: unavailable: {e:#}"),
     }
     #[cfg(not(feature = "cuda"))]

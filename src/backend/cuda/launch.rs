@@ -311,7 +311,8 @@ impl Backend for Cuda {
         y: &mut CudaSlice<f32>,
     ) {
         let (w, nu, iu, ou) = (view(&w), u(n), u(c_in), u(c_out));
-        launch!(self, "linear_fwd", elementwise(n * c_out); x, &w, y, &nu, &iu, &ou, &scale);
+        // y = x · wᵀ: k = c_in, m = c_out, w strides (c_in, 1).
+        launch!(self, "linear_product", elementwise(n * c_out); x, &w, y, &nu, &iu, &ou, &iu, &1u32, &scale);
     }
 
     fn linear_backward(
@@ -327,7 +328,8 @@ impl Backend for Cuda {
         mut dw: ViewMut<CudaSlice<f32>>,
     ) {
         let (w, nu, iu, ou) = (view(&w), u(n), u(c_in), u(c_out));
-        launch!(self, "linear_bwd_data", elementwise(n * c_in); dy, &w, dx, &nu, &iu, &ou, &scale);
+        // dx = dy · w: k = c_out, m = c_in, w strides (1, c_in).
+        launch!(self, "linear_product", elementwise(n * c_in); dy, &w, dx, &nu, &ou, &iu, &1u32, &iu, &scale);
         launch!(self, "linear_bwd_filter", reducing(c_out * c_in); dy, x, &mut view_mut(&mut dw), &nu, &iu, &ou, &scale);
     }
 

@@ -47,11 +47,7 @@ pub const FAMILIES: [(&str, &str, &[&str]); 4] = [
             "bn_bwd_apply",
         ],
     ),
-    (
-        "head",
-        include_str!("../../../kernels/head.cu"),
-        &["linear_fwd", "linear_bwd_data", "linear_bwd_filter", "cross_entropy", "cross_entropy_total"],
-    ),
+    ("head", include_str!("../../../kernels/head.cu"), &["linear_product", "linear_bwd_filter", "cross_entropy", "cross_entropy_total"]),
     ("optim", include_str!("../../../kernels/optim.cu"), &["sgd", "lookahead", "axpy", "fill"]),
 ];
 
