@@ -28,8 +28,7 @@ fn distinct(len: usize, seed: u64) -> Vec<f32> {
     Rng::new(seed).permutation(len).iter().map(|&p| p as f32 * 0.05 - len as f32 * 0.025).collect()
 }
 
-/// Every value within `tol` of the largest magnitude in `want`; prints the largest error
-/// (seen with `--nocapture`, for reports from GPU machines).
+/// Every value within `tol` of the largest magnitude in `want`; reports the largest error.
 fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(got.len(), want.len(), "{what}: lengths");
     let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
@@ -37,7 +36,12 @@ fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
         assert!((*g as f64 - w).abs() <= tol * scale, "{what}[{i}]: got {g}, want {w} (scale {scale})");
     }
     let worst = got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs() / scale).fold(0.0, f64::max);
-    println!("{what}: largest error {worst:.1e} of the largest value (tolerance {tol:.0e})");
+    report(what, worst, "of the largest value", tol);
+}
+
+/// One line per comparison, seen with `--nocapture`: the per-op reports from GPU machines.
+fn report(what: &str, worst: f64, relative_to: &str, tol: f64) {
+    println!("{what}: largest error {worst:.1e} {relative_to} (tolerance {tol:.0e})");
 }
 
 /// Central finite difference of `loss` along coordinate `i` of `x`.
@@ -51,13 +55,17 @@ fn numeric_grad(x: &mut [f32], i: usize, h: f32, mut loss: impl FnMut(&[f32]) ->
     (up - down) / (2.0 * h as f64)
 }
 
-/// Checks `analytic` against finite differences of `loss` at every 7th coordinate.
+/// Checks `analytic` against finite differences of `loss` at every 7th coordinate;
+/// reports the largest error.
 fn check_grad(what: &str, x: &mut [f32], analytic: &[f32], h: f32, loss: impl FnMut(&[f32]) -> f64 + Copy) {
     let scale = analytic.iter().fold(1e-3f32, |m, v| m.max(v.abs())) as f64;
+    let mut worst = 0.0f64;
     for i in (0..x.len()).step_by(7) {
         let numeric = numeric_grad(x, i, h, loss);
         assert!((numeric - analytic[i] as f64).abs() <= 2e-3 * scale, "{what}[{i}]: analytic {}, numeric {numeric}", analytic[i]);
+        worst = worst.max((numeric - analytic[i] as f64).abs() / scale);
     }
+    report(what, worst, "of the largest gradient, against central differences", 2e-3);
 }
 
 fn dot(a: &[f32], r: &[f32]) -> f64 {
@@ -222,7 +230,7 @@ pub fn pool_bn_gelu<B: Backend>(b: &B) {
         (PoolBnShape { n: 8, h: 17, w: 16, c: 70, pool: 2 }, false),
     ];
     for (s, finite_differences) in shapes {
-        let pool = s.pool;
+        let shape = format!("({}, {}, {}, {}) pool {}", s.n, s.h, s.w, s.c, s.pool);
         let out = s.n * s.out_h() * s.out_w() * s.c;
         let (mut y, mut beta, r) = (distinct(s.n * s.h * s.w * s.c, 9), random(s.c, 10), random(out, 11));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
@@ -243,21 +251,21 @@ pub fn pool_bn_gelu<B: Backend>(b: &B) {
         };
         let (z, a, saved, running) = forward(&y, &beta);
         let (want_a, want_dy, want_dbeta, want_running) = pool_bn_gelu_ref(&s, &y, &beta, &r);
-        assert_close(&format!("pool{pool} bn gelu"), &read(b, &a, out), &want_a, 1e-5);
-        assert_close(&format!("pool{pool} running stats (unbiased var)"), &running, &want_running, 1e-5);
+        assert_close(&format!("{shape} bn gelu"), &read(b, &a, out), &want_a, 1e-5);
+        assert_close(&format!("{shape} running stats (unbiased var)"), &running, &want_running, 1e-5);
         // dy starts with stale values: the op must write every position, pooled away or not.
         let (mut dy, mut dbeta) = (upload(b, &vec![7.0; y.len()]), b.zeros(s.c));
         let mut da = upload(b, &r);
         b.pool_bn_gelu_backward(s, &upload(b, &y), &z, &saved, all(&upload(b, &beta), s.c), &mut da, &mut dy, all_mut(&mut dbeta, s.c));
         let (dy, dbeta) = (read(b, &dy, y.len()), read(b, &dbeta, s.c));
-        assert_close(&format!("pool{pool} dy"), &dy, &want_dy, 1e-4);
-        assert_close(&format!("pool{pool} dbeta"), &dbeta, &want_dbeta, 1e-4);
+        assert_close(&format!("{shape} dy"), &dy, &want_dy, 1e-4);
+        assert_close(&format!("{shape} dbeta"), &dbeta, &want_dbeta, 1e-4);
         if finite_differences {
             let loss = |y: &[f32], beta: &[f32]| dot(&read(b, &forward(y, beta).1, out), &r);
             let bc = beta.clone();
-            check_grad(&format!("pool{pool} dy"), &mut y, &dy, 1e-2, |y| loss(y, &bc));
+            check_grad(&format!("{shape} dy"), &mut y, &dy, 1e-2, |y| loss(y, &bc));
             let yc = y.clone();
-            check_grad(&format!("pool{pool} dbeta"), &mut beta, &dbeta, 1e-2, |beta| loss(&yc, beta));
+            check_grad(&format!("{shape} dbeta"), &mut beta, &dbeta, 1e-2, |beta| loss(&yc, beta));
         }
     }
 }
@@ -301,7 +309,7 @@ pub fn linear_and_loss<B: Backend>(b: &B) {
         let lse = max + row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
         want += (0..10).map(|j| (0.02 + if j == label as usize { 0.8 } else { 0.0 }) * (lse - row[j] as f64)).sum::<f64>();
     }
-    assert!((stats[0] as f64 - want).abs() < 1e-5 * want, "loss {} vs {want}", stats[0]);
+    assert_close("linear+loss loss", &stats[..1], &[want], 1e-5);
     let correct = logits.chunks_exact(10).zip(&labels).filter(|(r, &l)| speedrun::train::argmax(r) == l as usize).count();
     assert_eq!(stats[1] as usize, correct);
     let mut dlogits = b.zeros(n * 10);
@@ -356,6 +364,7 @@ pub fn load_batch_views<B: Backend>(b: &B) {
     };
     let x = load(&index, &crops);
     let (mean, std) = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
+    let mut worst = 0.0f64;
     for (k, (&i, crop)) in index.iter().zip(&crops).enumerate() {
         for (y, xx, c) in (0..32).flat_map(|y| (0..32).flat_map(move |xx| (0..3).map(move |c| (y, xx, c)))) {
             let (sy, sx) = (reflect(y as i32 + crop.dy, 32), reflect(xx as i32 + crop.dx, 32));
@@ -363,8 +372,10 @@ pub fn load_batch_views<B: Backend>(b: &B) {
             let want = (pixels[i as usize * 3072 + (sy * 32 + sx) * 3 + c] as f64 / 255.0 - mean[c]) / std[c];
             let got = x[k * 3072 + (y * 32 + xx) * 3 + c] as f64;
             assert!((got - want).abs() < 1e-5, "image {k} pixel ({y},{xx},{c}): {got} vs {want}");
+            worst = worst.max((got - want).abs());
         }
     }
+    report("load_batch pixels", worst, "(absolute)", 1e-5);
     // Mirroring a view equals the mirrored image's view at −dx: what TTA and the
     // alternating flip rely on.
     let mirror = |img: &[f32]| -> Vec<f32> { (0..3072).map(|j| img[(j / 96) * 96 + (31 - j / 3 % 32) * 3 + j % 3]).collect() };
@@ -372,6 +383,7 @@ pub fn load_batch_views<B: Backend>(b: &B) {
         let pair = load(&[1, 1], &[Crop { dy, dx, flip: false }, Crop { dy, dx: -dx, flip: true }]);
         assert_eq!(mirror(&pair[..3072]), pair[3072..].to_vec(), "mirror of shift ({dy},{dx})");
     }
+    report("mirrored views", 0.0, "(bit-exact)", 0.0);
 }
 
 pub fn patch_moments<B: Backend>(b: &B) {
@@ -397,6 +409,7 @@ pub fn patch_moments<B: Backend>(b: &B) {
         let want: Vec<f32> = want.iter().map(|&v| v as f32).collect();
         assert_eq!(got[156 * (k + 1)..156 * (k + 2)], want[..], "image {image}: exact integer sums");
     }
+    report("patch_moments integer sums", 0.0, "(bit-exact)", 0.0);
 }
 
 pub fn optimizer_ops<B: Backend>(b: &B) {
