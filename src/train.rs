@@ -444,8 +444,13 @@ impl Clock {
     fn start(&mut self) {
         self.since = Some(Instant::now());
     }
+    /// Seconds of the running lap (0 when stopped).
+    fn lap(&self) -> f64 {
+        self.since.map_or(0.0, |t| t.elapsed().as_secs_f64())
+    }
     fn stop(&mut self) -> f64 {
-        let lap = self.since.take().map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let lap = self.lap();
+        self.since = None;
         self.total += lap;
         lap
     }
@@ -501,7 +506,7 @@ pub async fn run<B: Backend>(
             let mut flow = on(Event::Step { epoch: epoch + 1, step: batch + 1, steps });
             if flow == Flow::Sync {
                 let (train_loss, train_acc) = t.epoch_stats(batch + 1).await;
-                let seconds = clock.total + clock.since.map_or(0.0, |s| s.elapsed().as_secs_f64());
+                let seconds = clock.total + clock.lap();
                 flow = on(Event::Synced { epoch: epoch + 1, step: batch + 1, train_loss, train_acc, seconds });
             }
             if flow == Flow::Stop {

@@ -85,7 +85,6 @@ fn alternating_flip_mirrors_every_image_on_odd_epochs() {
     assert_eq!(seen_shifts.len(), 25, "all 25 translations occur");
 }
 
-/// Random images with a learnable signal: the label sets the mean brightness.
 fn small_config() -> Config {
     Config { widths: [8, 16, 16], batch_size: 32, epochs: 2.0, whiten_images: 64, ..Config::default() }
 }

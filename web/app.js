@@ -35,18 +35,13 @@ async function fetchBytes(url, onBytes) {
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
   const reader = response.body.getReader();
   const chunks = [];
-  let length = 0;
   for (;;) {
     const { done, value } = await reader.read();
     if (done) break;
     chunks.push(value);
-    length += value.length;
     onBytes(value.length);
   }
-  const out = new Uint8Array(length);
-  let at = 0;
-  for (const c of chunks) { out.set(c, at); at += c.length; }
-  return out;
+  return concat(chunks);
 }
 
 // The training files needed for the "train images" knob, and the test file, from /data/.

@@ -241,7 +241,7 @@ impl Backend for Cuda {
         // BatchNorm reads y itself where there is no pooling, else its pooled copy.
         let mut pooled_copy = (s.pool > 1).then(|| self.take_scratch("pooled", rows * c));
         if let Some(p) = pooled_copy.as_mut() {
-            launch!(self, "max_pool_fwd", elementwise(rows * c); y, p, &Pool::new(&s));
+            self.max_pool_forward(s, y, p);
         }
         let pooled = pooled_copy.as_ref().unwrap_or(y);
         let mut running = view_mut(&mut running);
@@ -285,7 +285,7 @@ impl Backend for Cuda {
         } else {
             let mut dpooled = self.take_scratch("pooled", rows * c);
             launch!(self, "bn_bwd_apply", elementwise(rows * c); &*da, z, &beta, saved, &means, &mut dpooled, &rows_u, &cu);
-            launch!(self, "max_pool_bwd", elementwise(pool_windows(&s)); y, &dpooled, dy, &Pool::new(&s));
+            self.max_pool_backward(s, y, &dpooled, dy);
             self.put_scratch("pooled", dpooled);
         }
         self.put_scratch("channel partials", part);
