@@ -27,7 +27,7 @@ try {
   page.on('crash', () => console.error('page crashed'));
   await page.goto(url);
   const state = () => page.evaluate(() => document.body.dataset.state);
-  await page.waitForFunction(() => !['starting'].includes(document.body.dataset.state), null, { timeout: 60000 });
+  await page.waitForFunction(() => document.body.dataset.state !== 'starting', null, { timeout: 60000 });
   if ((await state()) !== 'idle') throw new Error(`no WebGPU adapter: ${await page.textContent('#adapter')}`);
   const adapter = await page.textContent('#adapter');
   let fromArchive = null;
