@@ -1,13 +1,14 @@
-//! Per-op timings of one airbench94 training step at full width, and whole-step images/s:
-//! where the time of a step goes, per backend.
+//! Per-op timings of one airbench94 training step at full width, Muon's Newton–Schulz
+//! iteration on the largest filter, and whole-step images/s: where the time of a step goes,
+//! per backend.
 //!
 //! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
 //! --w1 64 --w2 256 --w3 256]` (defaults: batch
 //! 64, 3 repetitions, every backend; each op is timed after one untimed warm-up call,
 //! synchronised before and after).
 
-use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Backend, BnMode, ConvShape, View, ViewMut};
-use speedrun::model::{layers, Layout, Net};
+use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Act, Backend, BnMode, ConvShape, View, ViewMut};
+use speedrun::model::{layers, Arch, Layout, Net};
 use speedrun::rng::Rng;
 use std::time::Instant;
 
@@ -62,23 +63,24 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         row(&format!("{name} fwd"), f, flops);
         row(&format!("{name} dgrad"), d, flops);
         row(&format!("{name} wgrad"), g, flops);
-        let bs = l.bn_shape(n);
+        let bs = l.bn_shape(n, Act::Gelu);
         let out = n * l.out_side().pow(2) * l.c_out;
         let (beta, mut running) = (random(b, l.c_out, &mut rng), random(b, 2 * l.c_out, &mut rng));
         let (mut z, mut a, mut saved) = (b.zeros(out), b.zeros(out), b.zeros(2 * l.c_out));
         let (mut da, mut dbeta, mut dy) = (random(b, out, &mut rng), b.zeros(l.c_out), b.zeros(n * s.out_h() * s.out_w() * s.c_out));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
         let bf = time(b, reps, || {
-            b.pool_bn_gelu_forward(bs, mode, &y, all(&beta, l.c_out), all_mut(&mut running, 2 * l.c_out), &mut z, &mut a, &mut saved)
+            b.pool_bn_act_forward(bs, mode, &y, all(&beta, l.c_out), all_mut(&mut running, 2 * l.c_out), &mut z, &mut a, &mut saved)
         });
         let bb = time(b, reps, || {
-            b.pool_bn_gelu_backward(bs, &y, &z, &saved, all(&beta, l.c_out), &mut da, &mut dy, all_mut(&mut dbeta, l.c_out))
+            b.pool_bn_act_backward(bs, &y, &z, &saved, all(&beta, l.c_out), &mut da, &mut dy, all_mut(&mut dbeta, l.c_out))
         });
         row(&format!("block{}.norm{} pool{} fwd", l.block, l.conv, l.pool), bf, 0.0);
         row(&format!("block{}.norm{} pool{} bwd", l.block, l.conv, l.pool), bb, 0.0);
         total += f + d + g + bf + bb;
     }
     row("sum of the ops above", total, 0.0);
+    newton_schulz(b, reps, widths, row);
     step(b, n, reps, widths);
 }
 
@@ -86,11 +88,25 @@ fn w_len(s: &ConvShape) -> usize {
     s.c_out * s.k * s.k * s.c_in
 }
 
+/// Muon's Newton–Schulz iteration (3 steps, hiverge's coefficients) on the largest filter.
+fn newton_schulz<B: Backend>(b: &B, reps: usize, widths: [usize; 3], row: impl Fn(&str, f64, f64)) {
+    let (rows, cols) = layers(widths).iter().map(|l| l.filter_matrix()).max_by_key(|&(r, c)| r * c).unwrap();
+    let mut ns = speedrun::train::NewtonSchulz::new(b, rows, rows * cols);
+    let muon = speedrun::train::Recipe::Hiverge.config().muon.unwrap();
+    let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect();
+    let secs = time(b, reps, || {
+        b.upload(all_mut(&mut ns.x, rows * cols), &x);
+        ns.run(b, (rows, cols), muon.coefficients, muon.iterations, muon.eps as f32);
+    });
+    let flops = muon.iterations as f64 * 2.0 * (2.0 * (rows * rows * cols) as f64 + (rows * rows * rows) as f64);
+    row(&format!("newton_schulz {rows}×{cols} ×{}", muon.iterations), secs, flops);
+}
+
 /// A whole forward + backward + SGD step on random data, as the trainer runs it.
 fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
-    let mut net = Net::new(b, widths, n).expect("buffers fit");
+    let mut net = Net::new(b, Arch { widths, act: Act::Gelu, logit_scale: 1.0 / 9.0 }, n).expect("buffers fit");
     let layout = Layout::new(widths);
-    let (params, running) = layout.init(&mut Rng::new(1));
+    let (params, running) = layout.init(&mut Rng::new(1), false, false);
     net.set_state(b, &params, &running);
     let mut rng = Rng::new(2);
     let x: Vec<f32> = (0..n * 3072).map(|_| rng.symmetric(1.0)).collect();

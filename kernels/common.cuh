@@ -55,3 +55,26 @@ __device__ float gelu(float z) {
 __device__ float gelu_grad(float z) {
     return 0.5f * (1.0f + erf_approx(z * 0.70710678f)) + z * 0.3989423f * expf(-0.5f * z * z);
 }
+
+// SiLU: z·σ(z).
+__device__ float silu(float z) {
+    return z / (1.0f + expf(-z));
+}
+
+// d/dz SiLU(z) = σ(z)·(1 + z·(1 − σ(z))).
+__device__ float silu_grad(float z) {
+    float sigmoid = 1.0f / (1.0f + expf(-z));
+    return sigmoid * (1.0f + z * (1.0f - sigmoid));
+}
+
+// The activation after BatchNorm, as a kernel argument (`Act` on the host).
+#define ACT_GELU 0u
+#define ACT_SILU 1u
+
+__device__ float activate(unsigned act, float z) {
+    return act == ACT_SILU ? silu(z) : gelu(z);
+}
+
+__device__ float activate_grad(unsigned act, float z) {
+    return act == ACT_SILU ? silu_grad(z) : gelu_grad(z);
+}

@@ -8,8 +8,11 @@ __device__ unsigned reflect32(int i) {
 
 // x (n, 32, 32, 3) = normalise(view crops[b] of image index[b]), labels (n) = its label:
 // the source pixel of (y, x) is (reflect(y + dy), reflect(x + dx)), mirrored first when flip.
+// images (N, 32, 32, 3) u8 and all_labels (N) u8 are the dataset; index (n), crops (n) packed
+// `Crop`s. jitter (n, 2) = (brightness, contrast) per image, or null: every value of image b
+// becomes (normalised + brightness) · contrast.
 extern "C" __global__ void load_batch(const unsigned char* images, const unsigned char* all_labels, const unsigned* index,
-                                      const unsigned* crops, float* x, unsigned* labels, unsigned n) {
+                                      const unsigned* crops, const float* jitter, float* x, unsigned* labels, unsigned n) {
     const float channel_mean[3] = {0.4914f, 0.4822f, 0.4465f};
     const float channel_std[3] = {0.2470f, 0.2435f, 0.2616f};
     FOR_EACH(e, n * 3072u) {
@@ -19,7 +22,8 @@ extern "C" __global__ void load_batch(const unsigned char* images, const unsigne
         unsigned sy = reflect32(int(y) + dy), sx = reflect32(int(xx) + dx);
         if ((crop >> 6) & 1u) sx = 31u - sx;
         float v = float(images[(size_t)image * 3072u + (sy * 32u + sx) * 3u + c]) / 255.0f;
-        x[e] = (v - channel_mean[c]) / channel_std[c];
+        float normalised = (v - channel_mean[c]) / channel_std[c];
+        x[e] = jitter ? (normalised + jitter[2u * b]) * jitter[2u * b + 1u] : normalised;
         if (e % 3072u == 0u) labels[b] = all_labels[image];
     }
 }

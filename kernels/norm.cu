@@ -1,4 +1,5 @@
-// GELU, max-pooling and BatchNorm (γ = 1), forward and backward, over (rows, c) NHWC tensors.
+// GELU/SiLU, max-pooling and BatchNorm (γ = 1), forward and backward, over (rows, c) NHWC tensors.
+// `act` selects the activation after BatchNorm (ACT_GELU or ACT_SILU, common.cuh).
 // Per-channel sums are two-stage and deterministic: a `partials_*` kernel writes one pair of
 // sums per (chunk of `chunk_rows` rows, channel) into part (chunks, c, 2), launched as
 // (chunks, ⌈c/64⌉) blocks of 64 threads, one thread per channel; a `finalize_*` kernel adds
@@ -102,14 +103,15 @@ extern "C" __global__ void partials_gelu_grad(const float* z, const float* da, f
     out[1] = 0.0f;
 }
 
-// BN backward, first pass: da becomes dz = da · gelu'(z) in place; part = (Σ dz, Σ dz · x̂)
-// with x̂ = z − β.
-extern "C" __global__ void partials_bn_bwd(const float* z, const float* beta, float* da, float* part, unsigned rows, unsigned c, unsigned chunk_rows) {
+// BN backward, first pass: da (rows, c) becomes dz = da · act'(z) in place; part (chunks, c, 2)
+// = (Σ dz, Σ dz · x̂) with x̂ = z − β; z (rows, c), beta (c).
+extern "C" __global__ void partials_bn_bwd(const float* z, const float* beta, float* da, float* part, unsigned rows, unsigned c, unsigned chunk_rows,
+                                           unsigned act) {
     PARTIAL_SETUP
     float b = beta[ch], s = 0.0f, sx = 0.0f;
     for (unsigned row = first; row < end; row++) {
         float zv = z[row * c + ch];
-        float dz = da[row * c + ch] * gelu_grad(zv);
+        float dz = da[row * c + ch] * activate_grad(act, zv);
         da[row * c + ch] = dz;
         s += dz;
         sx += dz * (zv - b);
@@ -176,14 +178,15 @@ extern "C" __global__ void finalize_bn_bwd(const float* part, float* dbeta, floa
     }
 }
 
-// z = (pooled − mean)·(1/std) + β; a = gelu(z).
-extern "C" __global__ void bn_gelu_apply(const float* pooled, const float* saved, const float* beta, float* z, float* a, unsigned rows,
-                                         unsigned c) {
+// z (rows, c) = (pooled (rows, c) − mean)·(1/std) + β, with saved (2c) = (mean, 1/std) and
+// beta (c); a (rows, c) = act(z).
+extern "C" __global__ void bn_act_apply(const float* pooled, const float* saved, const float* beta, float* z, float* a, unsigned rows,
+                                        unsigned c, unsigned act) {
     FOR_EACH(e, rows * c) {
         unsigned ch = e % c;
         float v = (pooled[e] - saved[ch]) * saved[c + ch] + beta[ch];
         z[e] = v;
-        a[e] = gelu(v);
+        a[e] = activate(act, v);
     }
 }
 

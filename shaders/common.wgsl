@@ -36,3 +36,19 @@ fn gelu(z: f32) -> f32 {
 fn gelu_grad(z: f32) -> f32 {
     return 0.5 * (1.0 + erf_approx(z * 0.70710678)) + z * 0.3989423 * exp(-0.5 * z * z);
 }
+
+// 1 + e^(−z), the exponent clamped to stay finite (as the CPU backend's exp).
+fn one_plus_exp_neg(z: f32) -> f32 {
+    return 1.0 + exp(clamp(-z, -87.0, 88.0));
+}
+
+// SiLU: z·σ(z).
+fn silu(z: f32) -> f32 {
+    return z / one_plus_exp_neg(z);
+}
+
+// d/dz SiLU(z) = σ(z)·(1 + z·(1 − σ(z))).
+fn silu_grad(z: f32) -> f32 {
+    let s = 1.0 / one_plus_exp_neg(z);
+    return s * (1.0 + z * (1.0 - s));
+}

@@ -3,12 +3,11 @@
 //   forward:  y[m, o]  = Σ_k A[m, k] · W[o, k]        A = the patches of x, gathered on the fly
 //   dgrad:    forward of dy with the rotated, channel-swapped kernel (`rotate`)
 //   wgrad:    dW[o, k] = Σ_m dy[m, o] · A[m, k]        split over m, then `reduce_splits`
-// Tiled kernels (layers of 16 or more output channels): workgroups of 16×16 invocations
-// compute 64×64 output tiles from 16-deep slices staged in workgroup memory (8 KiB); each
-// invocation accumulates a 4×4 block in four vec4 registers, reading one vec4 from each tile
-// per step. Direct kernels (narrower layers; the naive baseline): one output per
-// invocation, no workgroup memory. Index arithmetic (integer division is slow
-// everywhere) is done once per invocation and then stepped.
+// Tiled kernels (layers of 16 or more output channels): the 64×64 tiles of gemm.wgsl
+// (prepended to this file), the patches gathered into them on the fly. Direct kernels
+// (narrower layers; the naive baseline): one output per invocation, no workgroup memory.
+// Index arithmetic (integer division is slow everywhere) is done once per invocation and
+// then stepped.
 
 struct Params {
     n: u32, h: u32, w: u32, c_in: u32,
@@ -23,12 +22,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> dst: array<f32>;    // y, dx, or dW at w_off
 @group(0) @binding(4) var<storage, read> dy: array<f32>;           // wgrad: (m_total, c_out)
 @group(0) @binding(5) var<storage, read_write> scratch: array<f32>; // rotated kernel, or wgrad partials
-
-const T: u32 = 64u;  // output tile side
-const TK: u32 = 16u; // reduction slice
-
-var<workgroup> tile_a: array<vec4<f32>, 256>; // [TK][T / 4]: the rows of the output tile
-var<workgroup> tile_b: array<vec4<f32>, 256>; // [TK][T / 4]: its columns
 
 // An output pixel m = (b, oy, ox), with `base` the first input value of image b.
 struct Pixel {
@@ -93,40 +86,6 @@ fn patch_value(px: Pixel, t: Tap, k: u32) -> f32 {
         return 0.0;
     }
     return src[px.base + (u32(iy) * p.w + u32(ix)) * p.c_in + t.c];
-}
-
-// A 4×4 block of the output tile: row 4·ty + i, columns 4·tx .. 4·tx + 3 in `r{i}`.
-struct Block {
-    r0: vec4<f32>,
-    r1: vec4<f32>,
-    r2: vec4<f32>,
-    r3: vec4<f32>,
-}
-
-fn zero_block() -> Block {
-    return Block(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-}
-
-// Adds the TK-deep slice staged in tile_a (rows) and tile_b (columns) to `acc`.
-fn multiply_slice(acc: Block, ty: u32, tx: u32) -> Block {
-    var r = acc;
-    for (var kk = 0u; kk < TK; kk++) {
-        let a = tile_a[kk * 16u + ty];
-        let b = tile_b[kk * 16u + tx];
-        r.r0 = fma(vec4<f32>(a.x), b, r.r0);
-        r.r1 = fma(vec4<f32>(a.y), b, r.r1);
-        r.r2 = fma(vec4<f32>(a.z), b, r.r2);
-        r.r3 = fma(vec4<f32>(a.w), b, r.r3);
-    }
-    return r;
-}
-
-fn stage_a(kk: u32, r: u32, v: f32) {
-    tile_a[kk * 16u + r / 4u][r % 4u] = v;
-}
-
-fn stage_b(kk: u32, r: u32, v: f32) {
-    tile_b[kk * 16u + r / 4u][r % 4u] = v;
 }
 
 // y[m, o .. o + 4] = v, inside the matrix.

@@ -6,6 +6,8 @@ struct Params {
     n: u32, index_off: u32,
     aux_off: u32, // load_batch: first crop; patch_moments: first output image
     split: u32,
+    jitter_off: u32, // load_batch: the first value of jitter
+    use_jitter: u32, // load_batch: 1 to apply the jitter, 0 when there is none
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -17,6 +19,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> x: array<f32>;      // (n, 32, 32, 3)
 @group(0) @binding(7) var<storage, read_write> labels: array<u32>; // (n)
 @group(0) @binding(8) var<storage, read_write> moments: array<f32>; // (n, 156)
+@group(0) @binding(9) var<storage, read> jitter: array<f32>;         // (n, 2) at jitter_off
 
 
 fn reflect(i: i32) -> u32 {
@@ -39,6 +42,8 @@ fn pixel_byte(image: u32, at: u32) -> u32 {
 
 // x[b] = normalise(view crops[crop_off + b] of image index[index_off + b]): the source pixel
 // of (y, x) is (reflect(y + dy), reflect(x + dx)) of the image, mirrored first when flip.
+// With use_jitter, every value of image b then becomes (x + brightness) · contrast, from
+// row b of jitter.
 @compute @workgroup_size(256)
 fn load_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let e = flat_id(wg, nwg, lid);
@@ -61,7 +66,12 @@ fn load_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     var channel_mean = array<f32, 3>(0.4914, 0.4822, 0.4465);
     var channel_std = array<f32, 3>(0.2470, 0.2435, 0.2616);
     let v = f32(pixel_byte(image, (sy * 32u + sx) * 3u + c)) / 255.0;
-    x[e] = (v - channel_mean[c]) / channel_std[c];
+    var value = (v - channel_mean[c]) / channel_std[c];
+    if (p.use_jitter == 1u) {
+        let row = p.jitter_off + 2u * b;
+        value = (value + jitter[row]) * jitter[row + 1u];
+    }
+    x[e] = value;
     if (e % 3072u == 0u) {
         labels[b] = all_labels[image];
     }

@@ -1,4 +1,5 @@
-// GELU, max-pooling and BatchNorm (γ = 1), forward and backward, over (rows, c) NHWC tensors.
+// GELU, SiLU, max-pooling and BatchNorm (γ = 1), forward and backward, over (rows, c) NHWC
+// tensors. The activation after BatchNorm is chosen by `act` (0 GELU, 1 SiLU).
 // Per-channel sums are two-stage and deterministic: `partials_*` write one pair of sums per
 // (chunk of `chunk_rows` rows, channel) into `part`; a `finalize_*` kernel adds the chunks in
 // order, one invocation per channel.
@@ -7,9 +8,11 @@ struct Params {
     rows: u32, c: u32, n: u32, h: u32,
     w: u32, pool: u32, oh: u32, ow: u32,
     off0: u32, off1: u32, chunk_rows: u32, chunks: u32,
-    momentum: f32, eps: f32,
+    momentum: f32, eps: f32, act: u32,
 }
 
+// Each kernel says what its bindings hold; (rows, c) tensors are the pooled ones, (n, h, w, c)
+// the conv outputs before pooling, `saved` (2c) = (mean, 1/std), `running` (2c) = (mean, var).
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> in0: array<f32>;
 @group(0) @binding(2) var<storage, read> in1: array<f32>;
@@ -17,6 +20,21 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> out0: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(6) var<storage, read_write> part: array<f32>; // (chunks, c, 2)
+
+// The activation after BatchNorm, and its derivative.
+fn activate(z: f32) -> f32 {
+    if (p.act == 1u) {
+        return silu(z);
+    }
+    return gelu(z);
+}
+
+fn activate_grad(z: f32) -> f32 {
+    if (p.act == 1u) {
+        return silu_grad(z);
+    }
+    return gelu_grad(z);
+}
 
 // out0 = z += bias (in0 at off0), in place; out1 = gelu(z).
 @compute @workgroup_size(256)
@@ -147,8 +165,8 @@ fn partials_gelu_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
     store_partial(wg, ch, s, 0.0);
 }
 
-// BN backward, first pass: out0 = dz = da · gelu'(z) in place (out0 holds da, in0 = z,
-// in1 = β at off0); part = (Σ dz, Σ dz · x̂) with x̂ = z − β.
+// BN backward, first pass: out0 = dz = da · act'(z) in place (out0 holds da (rows, c),
+// in0 = z (rows, c), in1 = β at off0); part = (Σ dz, Σ dz · x̂) with x̂ = z − β.
 @compute @workgroup_size(64)
 fn partials_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let ch = wg.y * 64u + lid.x;
@@ -161,7 +179,7 @@ fn partials_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     var sx = 0.0;
     for (var row = r.x; row < r.y; row++) {
         let z = in0[row * p.c + ch];
-        let dz = out0[row * p.c + ch] * gelu_grad(z);
+        let dz = out0[row * p.c + ch] * activate_grad(z);
         out0[row * p.c + ch] = dz;
         s += dz;
         sx += dz * (z - beta);
@@ -235,10 +253,10 @@ fn finalize_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
     out1[p.c + ch] = s.y / f32(p.rows);
 }
 
-// out0 = z = (out0 − mean)·(1/std) + β in place (out0 holds the pooled values; in0 = saved,
-// in1 = β at off0); out1 = gelu(z).
+// out0 = z = (out0 − mean)·(1/std) + β in place (out0 holds the pooled values (rows, c);
+// in0 = saved, in1 = β at off0); out1 (rows, c) = act(z).
 @compute @workgroup_size(256)
-fn bn_gelu_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+fn bn_act_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let e = flat_id(wg, nwg, lid);
     if (e >= p.rows * p.c) {
         return;
@@ -246,7 +264,7 @@ fn bn_gelu_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     let ch = e % p.c;
     let z = (out0[e] - in0[ch]) * in0[p.c + ch] + in1[p.off0 + ch];
     out0[e] = z;
-    out1[e] = gelu(z);
+    out1[e] = activate(z);
 }
 
 // out0 = d(pooled) = (1/std)·(dz − mean dz − x̂·mean dz·x̂) in place (out0 holds dz; in0 = z,

@@ -9,11 +9,14 @@
 //! | `block{b}.norm{1,2}.weight` | (c_out) | BN γ, always 1 |
 //! | `block{b}.norm{1,2}.bias` | (c_out) | BN β |
 //! | `block{b}.norm{1,2}.running_mean` / `running_var` | (c_out) | |
-//! | `head.weight` | (10, w3) | logits = head(x) / 9 |
+//! | `head.weight` | (10, w3) | logits = head(x) · logit_scale |
 //!
-//! The metadata holds `format` = `speedrun-airbench94` and `widths` = `"w1,w2,w3"`.
+//! The metadata holds `format` = `speedrun-airbench94`, `widths` = `"w1,w2,w3"`, `activation`
+//! (`gelu` or `silu`, the conv blocks'), `logit_scale` (1/9 for airbench94, 1/256 for the Muon
+//! recipes) and `recipe`; files without the last three are airbench94's (GELU, 1/9).
 
-use crate::model::{Layout, Slot};
+use crate::backend::Act;
+use crate::model::{Arch, Layout, Slot};
 use anyhow::{bail, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use std::collections::HashMap;
@@ -51,8 +54,8 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// Writes a checkpoint atomically: to `PATH.tmp`, then renamed over `path`.
-pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<()> {
-    let bytes = to_bytes(layout, params, running, extra)?;
+pub fn save(path: &Path, arch: &Arch, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<()> {
+    let bytes = to_bytes(arch, params, running, extra)?;
     let tmp = path.with_extension("safetensors.tmp");
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -68,7 +71,8 @@ pub fn save(path: &Path, layout: &Layout, params: &[f32], running: &[f32], extra
 }
 
 /// A checkpoint's bytes (the browser offers them as a download).
-pub fn to_bytes(layout: &Layout, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<Vec<u8>> {
+pub fn to_bytes(arch: &Arch, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<Vec<u8>> {
+    let layout = &Layout::new(arch.widths);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut add = |slot: &Slot, source: &[f32]| {
         let data = permute(&slot.shape, &source[slot.range.clone()], true);
@@ -84,12 +88,15 @@ pub fn to_bytes(layout: &Layout, params: &[f32], running: &[f32], extra: &[(&str
     let mut meta: HashMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
     meta.insert("format".into(), FORMAT.into());
     meta.insert("widths".into(), layout.widths.map(|w| w.to_string()).join(","));
+    meta.insert("activation".into(), if arch.act == Act::Silu { "silu" } else { "gelu" }.into());
+    meta.insert("logit_scale".into(), arch.logit_scale.to_string());
     Ok(safetensors::serialize(views, Some(meta))?)
 }
 
 /// A checkpoint read back: its layout and host copies of the arena and running statistics.
 #[derive(Debug)]
 pub struct Loaded {
+    pub arch: Arch,
     pub layout: Layout,
     pub params: Vec<f32>,
     pub running: Vec<f32>,
@@ -114,6 +121,16 @@ pub fn load(path: &Path) -> Result<Loaded> {
     if widths.contains(&0) {
         bail!(bad());
     }
+    let act = match meta.get("activation").map(String::as_str) {
+        None | Some("gelu") => Act::Gelu,
+        Some("silu") => Act::Silu,
+        Some(other) => bail!("{}: unknown activation {other:?} (gelu or silu)", path.display()),
+    };
+    let logit_scale = match meta.get("logit_scale") {
+        None => 1.0 / 9.0,
+        Some(v) => v.parse::<f32>().ok().filter(|s| s.is_finite() && *s > 0.0).with_context(bad)?,
+    };
+    let arch = Arch { widths, act, logit_scale };
     let layout = Layout::new(widths);
     if (layout.params_len() + layout.running_len) * 4 > bytes.len() {
         bail!("{}: widths {widths:?} need more data than the file holds; {}", path.display(), bad());
@@ -140,7 +157,7 @@ pub fn load(path: &Path) -> Result<Loaded> {
     };
     let params = read(&layout.params, layout.params_len())?;
     let running = read(&layout.running, layout.running_len)?;
-    Ok(Loaded { layout, params, running })
+    Ok(Loaded { arch, layout, params, running })
 }
 
 #[cfg(test)]
@@ -151,14 +168,15 @@ mod tests {
     #[test]
     fn round_trips_and_uses_torch_layouts() {
         let layout = Layout::new([8, 16, 16]);
-        let (params, running) = layout.init(&mut Rng::new(3));
+        let (params, running) = layout.init(&mut Rng::new(3), false, false);
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("net.safetensors");
-        save(&path, &layout, &params, &running, &[("tta_accuracy", "0.5".into())]).unwrap();
+        let arch = Arch { widths: [8, 16, 16], act: Act::Silu, logit_scale: 1.0 / 256.0 };
+        save(&path, &arch, &params, &running, &[("tta_accuracy", "0.5".into())]).unwrap();
         let loaded = load(&path).unwrap();
         assert_eq!(loaded.params, params);
         assert_eq!(loaded.running, running);
-        assert_eq!(loaded.layout.widths, [8, 16, 16]);
+        assert_eq!(loaded.arch, arch);
         // block1.conv2 starts as the identity: OIHW [o][o][1][1] = 1.
         let bytes = std::fs::read(&path).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();

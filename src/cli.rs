@@ -9,13 +9,18 @@ use speedrun::backend::wgpu::{self as webgpu, Wgpu};
 use speedrun::backend::{block_on, cpu::Cpu, Backend};
 use speedrun::data::{self, Split, CLASS_NAMES};
 use speedrun::model::Net;
-use speedrun::train::{self, Config, DeviceSplit, EpochLog, Evaluator, Event, Flow, RunResult, Trainer};
+use speedrun::run::{argmax, run as train_run, EpochLog, Event, Flow, RunResult};
+use speedrun::train::{Config, DeviceSplit, Evaluator, Recipe, Trainer};
 use speedrun::{checkpoint, download, stats};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
-#[command(name = "speedrun", version, about = "CIFAR-10 to 94% in seconds: airbench94 in Rust, on CPU, WebGPU and CUDA")]
+#[command(
+    name = "speedrun",
+    version,
+    about = "CIFAR-10 to 94% in seconds: the airbench94 family of recipes in Rust, on CPU, WebGPU and CUDA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,7 +35,7 @@ enum BackendKind {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Train the airbench94 network (downloads CIFAR-10 first if it is missing).
+    /// Train a recipe's network (downloads CIFAR-10 first if it is missing).
     Train(TrainArgs),
     /// Time `--runs` training runs by the recipe's protocol: one untimed warm-up run first
     /// (kernel loading, cuDNN plans, caches), then each run on the clock; mean ± std at the end.
@@ -56,6 +61,8 @@ enum Command {
     },
     /// List the devices each backend can use.
     Info,
+    /// List the recipes `--recipe` takes.
+    Recipes,
     /// GPU time per kernel of a few training steps, from timestamp queries (wgpu backend).
     Profile(ProfileArgs),
     /// Serve the browser demo (built by web/build.sh) and CIFAR-10 on 127.0.0.1.
@@ -79,6 +86,39 @@ enum Command {
     },
 }
 
+/// The recipe and the flags that override its values.
+#[derive(clap::Args)]
+struct RecipeArgs {
+    /// The recipe (`speedrun recipes` lists them); the flags below override its values.
+    #[arg(long, value_parser = Recipe::from_name, default_value = "airbench94")]
+    recipe: Recipe,
+    /// Training epochs (default: the recipe's; airbench94 9.9).
+    #[arg(long)]
+    epochs: Option<f64>,
+    /// Images per training step (default: the recipe's; airbench94 1024).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Learning rate: airbench94's SGD lr per 1024 examples (11.5), or Muon's lr in the Muon recipes.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Block widths (default 64,256,256).
+    #[arg(long, value_parser = parse_widths)]
+    widths: Option<[usize; 3]>,
+}
+
+impl RecipeArgs {
+    /// The recipe's `Config` with the explicit flags applied.
+    fn config(&self) -> Result<Config> {
+        let mut cfg = self.recipe.config();
+        cfg.epochs = self.epochs.unwrap_or(cfg.epochs);
+        cfg.batch_size = self.batch_size.unwrap_or(cfg.batch_size);
+        cfg.lr = self.lr.unwrap_or(cfg.lr);
+        cfg.widths = self.widths.unwrap_or(cfg.widths);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
 #[derive(clap::Args)]
 struct TrainArgs {
     /// Backend to run on; default: the fastest available.
@@ -87,21 +127,13 @@ struct TrainArgs {
     /// Folder with CIFAR-10 (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = Config::default().epochs)]
-    epochs: f64,
-    #[arg(long, default_value_t = Config::default().batch_size)]
-    batch_size: usize,
-    /// Learning rate per 1024 examples (airbench94's decoupled form).
-    #[arg(long, default_value_t = Config::default().lr)]
-    lr: f64,
+    #[command(flatten)]
+    recipe: RecipeArgs,
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Independent runs (seeds seed, seed+1, ...), summarised at the end.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
-    /// Block widths, e.g. 64,256,256.
-    #[arg(long, value_parser = parse_widths, default_value = "64,256,256")]
-    widths: [usize; 3],
     /// Train on the first N training images only.
     #[arg(long)]
     train_limit: Option<usize>,
@@ -123,10 +155,8 @@ struct TrainArgs {
 struct ProfileArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
-    #[arg(long, default_value_t = Config::default().batch_size)]
-    batch_size: usize,
-    #[arg(long, value_parser = parse_widths, default_value = "64,256,256")]
-    widths: [usize; 3],
+    #[command(flatten)]
+    recipe: RecipeArgs,
     #[arg(long)]
     train_limit: Option<usize>,
     /// Profile steps of this epoch (1-based): epochs 1-3 also train the whitening bias.
@@ -277,6 +307,14 @@ fn run(cli: Cli) -> Result<()> {
             info();
             Ok(())
         }
+        Command::Recipes => {
+            for r in Recipe::ALL {
+                let (cfg, default) = (r.config(), if r == Recipe::Airbench94 { " (default)" } else { "" });
+                println!("{:<16} {}{default}", r.name(), r.summary());
+                println!("{:<16} {} steps of {} images per run on the 50,000 training images", "", cfg.total_steps(50_000), cfg.batch_size);
+            }
+            Ok(())
+        }
         Command::Profile(args) => profile_command(&args),
         Command::Web { port, data_dir, site } => {
             let data = data::batches_dir(&data::resolve_dir(data_dir.as_deref()));
@@ -298,7 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("--test-limit must be at least 1");
             }
             let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &test, tta as usize))?;
-            let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| train::argmax(l) == y as usize).count();
+            let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| argmax(l) == y as usize).count();
             println!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
             Ok(())
         }
@@ -322,7 +360,7 @@ fn run(cli: Cli) -> Result<()> {
 /// Logits of every image of `split` under TTA `level`, from a checkpoint.
 fn predict_logits<B: Backend>(b: &B, path: &Path, split: &Split, level: usize) -> Result<Vec<f32>> {
     let ckpt = checkpoint::load(path)?;
-    let mut net = Net::new(b, ckpt.layout.widths, split.len().min(1024))?;
+    let mut net = Net::new(b, ckpt.arch, split.len().min(1024))?;
     net.set_state(b, &ckpt.params, &ckpt.running);
     let data = DeviceSplit::new(b, split);
     let mut eval = Evaluator::new(b, split.len(), net.capacity, level);
@@ -348,9 +386,7 @@ fn format_row(run: u32, e: &EpochLog) -> String {
 }
 
 fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<()> {
-    let cfg =
-        Config { epochs: args.epochs, batch_size: args.batch_size, lr: args.lr, widths: args.widths, seed: args.seed, ..Config::default() };
-    cfg.validate()?;
+    let cfg = Config { seed: args.seed, ..args.recipe.config()? };
     if let Some(path) = &args.save {
         check_writable(path)?; // before a run that may take an hour, not after it
     }
@@ -377,7 +413,8 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     let mut tta = Evaluator::new(b, test_data.len(), cfg.batch_size, cfg.tta_level);
     let device = b.device_name();
     println!(
-        "speedrun: backend {} on {device}; {} train / {} test images; widths {:?}; batch {}; {} steps",
+        "speedrun: recipe {} on backend {} ({device}); {} train / {} test images; widths {:?}; batch {}; {} steps",
+        cfg.recipe.name(),
         b.name(),
         train_data.len(),
         test_data.len(),
@@ -388,7 +425,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     if warm_up {
         let started = std::time::Instant::now();
         trainer.reset(args.seed);
-        block_on(train::run(&mut trainer, &test_data, &mut plain, &mut tta, &mut |_| Flow::Continue))?;
+        block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut |_| Flow::Continue))?;
         println!("warm-up run (not counted): {:.2} s", started.elapsed().as_secs_f64());
     }
     println!("{HEADER}");
@@ -414,7 +451,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
             }
             Flow::Continue
         };
-        let r = block_on(train::run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on))?;
+        let r = block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on))?;
         let images_per_second = (r.steps * cfg.batch_size) as f64 / r.train_seconds;
         println!(
             "run {run}: TTA accuracy {:.4} in {:.2} s (whitening {:.2} s, training {:.2} s, TTA {:.2} s); {:.0} train images/s",
@@ -422,7 +459,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
         );
         if let Some(f) = json.as_mut() {
             let line = serde_json::json!({
-                "backend": b.name(), "device": device, "run": run, "seed": seed, "epochs": cfg.epochs,
+                "recipe": cfg.recipe.name(), "backend": b.name(), "device": device, "run": run, "seed": seed, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "widths": cfg.widths, "train_images": r.train_images,
                 "test_images": r.test_images, "accuracy": r.accuracy, "tta_accuracy": r.tta_accuracy,
                 "time_seconds": r.time_seconds, "whiten_seconds": r.whiten_seconds, "train_seconds": r.train_seconds,
@@ -435,13 +472,9 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     if let Some(path) = &args.save {
         let (params, running) = block_on(trainer.net.state(b));
         let tta_acc = results.last().map_or(0.0, |r| r.tta_accuracy);
-        checkpoint::save(
-            path,
-            trainer.layout(),
-            &params,
-            &running,
-            &[("tta_accuracy", format!("{tta_acc:.4}")), ("seed", trainer.cfg.seed.to_string())],
-        )?;
+        let meta =
+            [("tta_accuracy", format!("{tta_acc:.4}")), ("seed", trainer.cfg.seed.to_string()), ("recipe", cfg.recipe.name().to_string())];
+        checkpoint::save(path, &trainer.net.arch, &params, &running, &meta)?;
         println!("saved checkpoint {}", path.display());
     }
     if results.len() > 1 {
@@ -469,7 +502,7 @@ fn profile_command(_: &ProfileArgs) -> Result<()> {
 #[cfg(feature = "wgpu")]
 fn profile_command(args: &ProfileArgs) -> Result<()> {
     let b = block_on(Wgpu::new())?;
-    let cfg = Config { batch_size: args.batch_size, widths: args.widths, ..Config::default() };
+    let cfg = args.recipe.config()?;
     let split = data::load_train(&data_dir_downloading(args.data_dir.as_deref())?, args.train_limit)?;
     let train = DeviceSplit::new(&b, &split);
     let mut t = Trainer::new(&b, cfg, &train)?;
@@ -491,7 +524,8 @@ fn profile_command(args: &ProfileArgs) -> Result<()> {
     let kernels = block_on(b.finish_profile());
     let gpu_ms: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() * 1e3 / steps as f64;
     println!(
-        "profile: {} on {}; batch {}; widths {:?}; epoch {epoch}; {steps} steps",
+        "profile: recipe {} on {} ({}); batch {}; widths {:?}; epoch {epoch}; {steps} steps",
+        t.cfg.recipe.name(),
         b.name(),
         b.device_name(),
         t.cfg.batch_size,

@@ -1,14 +1,15 @@
-//! The airbench94 network, generic over `Backend`: the flat parameter arena, init, the
-//! whitening filters, and forward and backward as plain functions in a fixed order.
+//! The airbench94-family network, generic over `Backend`: the flat parameter arena and its
+//! typed layout, init, and forward and backward as plain functions in a fixed order.
 //!
 //! whiten conv 2×2 (3→24, bias, frozen weight) → GELU
-//! → 3 × [conv3×3 → maxpool2 → BN → GELU → conv3×3 → BN → GELU]  (widths w1, w2, w3)
-//! → global maxpool 3×3 → linear (w3→10, no bias) × 1/9
+//! → 3 × [conv3×3 → maxpool2 → BN → act → conv3×3 → BN → act]  (widths w1, w2, w3; act GELU or SiLU)
+//! → global maxpool 3×3 → linear (w3→10, no bias) × logit scale (1/9, or 1/256 in the Muon recipes)
 
-use crate::backend::{all, all_mut, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, PATCH, SIDE, STD};
-use crate::linalg::symmetric_eigen;
+use crate::backend::{all, all_mut, Act, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, PATCH, SIDE};
 use crate::rng::Rng;
 use std::ops::Range;
+
+pub use crate::whiten::{patch_covariance, whitening_filters};
 
 /// Output channels of the whitening conv: 12 eigen-filters and their negatives.
 pub const WHITEN_OUT: usize = 2 * PATCH;
@@ -23,7 +24,17 @@ pub struct Slot {
     pub range: Range<usize>,
 }
 
-/// One conv → [pool] → BN → GELU layer: block `block` (1-based), conv `conv` (1 or 2).
+/// What distinguishes the recipes' networks.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Arch {
+    pub widths: [usize; 3],
+    /// The activation of the conv blocks (the whitening layer's is always GELU).
+    pub act: Act,
+    /// Logits are `head(x) · logit_scale`.
+    pub logit_scale: f32,
+}
+
+/// One conv → [pool] → BN → act layer: block `block` (1-based), conv `conv` (1 or 2).
 #[derive(Clone, Copy, Debug)]
 pub struct Layer {
     pub block: usize,
@@ -38,8 +49,12 @@ impl Layer {
     pub fn conv_shape(&self, n: usize) -> ConvShape {
         ConvShape { n, h: self.side, w: self.side, c_in: self.c_in, c_out: self.c_out, k: 3, pad: 1 }
     }
-    pub fn bn_shape(&self, n: usize) -> PoolBnShape {
-        PoolBnShape { n, h: self.side, w: self.side, c: self.c_out, pool: self.pool }
+    pub fn bn_shape(&self, n: usize, act: Act) -> PoolBnShape {
+        PoolBnShape { n, h: self.side, w: self.side, c: self.c_out, pool: self.pool, act }
+    }
+    /// The filter as a `(c_out, 9·c_in)` matrix.
+    pub fn filter_matrix(&self) -> (usize, usize) {
+        (self.c_out, 9 * self.c_in)
     }
     pub fn out_side(&self) -> usize {
         self.side / self.pool
@@ -61,7 +76,8 @@ pub fn layers(widths: [usize; 3]) -> Vec<Layer> {
 
 /// Where every tensor lives. `params` = [whiten.bias | conv weights | head | BN biases |
 /// whiten.weight]: the first `trainable` entries have gradients; `running` holds each BN's
-/// (mean, var) pair.
+/// (mean, var) pair. The named ranges below index the same arena; `params` and `running`
+/// list every tensor with its checkpoint name and shape.
 #[derive(Clone, Debug)]
 pub struct Layout {
     pub widths: [usize; 3],
@@ -69,44 +85,52 @@ pub struct Layout {
     pub params: Vec<Slot>,
     pub running: Vec<Slot>,
     pub trainable: usize,
-    /// Trained with the base lr: whitening bias, conv weights, head.
-    pub base_group: Range<usize>,
-    /// Trained with the ×64 bias lr: BN biases.
-    pub bias_group: Range<usize>,
     pub running_len: usize,
+    pub whiten_bias: Range<usize>,
+    pub whiten_weight: Range<usize>,
+    /// Per layer: conv weight `(c_out, 3, 3, c_in)`, BN bias `(c_out)`, running (mean, var) `(2, c_out)`.
+    pub conv: Vec<Range<usize>>,
+    pub bn_bias: Vec<Range<usize>>,
+    pub bn_running: Vec<Range<usize>>,
+    pub head: Range<usize>,
 }
 
-fn push(slots: &mut Vec<Slot>, name: String, shape: Vec<usize>) -> usize {
+fn push(slots: &mut Vec<Slot>, name: String, shape: Vec<usize>) -> Range<usize> {
     let start = slots.last().map_or(0, |s| s.range.end);
     let end = start + shape.iter().product::<usize>();
     slots.push(Slot { name, shape, range: start..end });
-    end
+    start..end
+}
+
+/// The range spanning `ranges` (consecutive in the arena).
+pub fn span(ranges: &[Range<usize>]) -> Range<usize> {
+    ranges[0].start..ranges[ranges.len() - 1].end
 }
 
 impl Layout {
     pub fn new(widths: [usize; 3]) -> Layout {
         let layers = layers(widths);
         let mut params = Vec::new();
-        push(&mut params, "whiten.bias".into(), vec![WHITEN_OUT]);
-        for l in &layers {
-            push(&mut params, format!("block{}.conv{}.weight", l.block, l.conv), vec![l.c_out, 3, 3, l.c_in]);
-        }
-        let base_end = push(&mut params, "head.weight".into(), vec![CLASSES, widths[2]]);
-        for l in &layers {
-            push(&mut params, format!("block{}.norm{}.bias", l.block, l.conv), vec![l.c_out]);
-        }
+        let whiten_bias = push(&mut params, "whiten.bias".into(), vec![WHITEN_OUT]);
+        let name = |l: &Layer, what: &str| format!("block{}.{what}{}", l.block, l.conv);
+        let conv = layers.iter().map(|l| push(&mut params, name(l, "conv") + ".weight", vec![l.c_out, 3, 3, l.c_in])).collect();
+        let head = push(&mut params, "head.weight".into(), vec![CLASSES, widths[2]]);
+        let bn_bias = layers.iter().map(|l| push(&mut params, name(l, "norm") + ".bias", vec![l.c_out])).collect();
         let trainable = params.last().unwrap().range.end;
-        push(&mut params, "whiten.weight".into(), vec![WHITEN_OUT, 2, 2, CHANNELS]);
+        let whiten_weight = push(&mut params, "whiten.weight".into(), vec![WHITEN_OUT, 2, 2, CHANNELS]);
         let mut running = Vec::new();
-        for l in &layers {
-            for stat in ["running_mean", "running_var"] {
-                push(&mut running, format!("block{}.norm{}.{stat}", l.block, l.conv), vec![l.c_out]);
-            }
-        }
+        let bn_running = layers
+            .iter()
+            .map(|l| {
+                let mean = push(&mut running, name(l, "norm") + ".running_mean", vec![l.c_out]);
+                mean.start..push(&mut running, name(l, "norm") + ".running_var", vec![l.c_out]).end
+            })
+            .collect();
         let running_len = running.last().unwrap().range.end;
-        Layout { widths, layers, params, running, trainable, base_group: 0..base_end, bias_group: base_end..trainable, running_len }
+        Layout { widths, layers, params, running, trainable, running_len, whiten_bias, whiten_weight, conv, bn_bias, bn_running, head }
     }
 
+    /// The range of the tensor named `name` (checkpoint names).
     pub fn param(&self, name: &str) -> Range<usize> {
         self.params.iter().find(|s| s.name == name).unwrap_or_else(|| panic!("no parameter {name}")).range.clone()
     }
@@ -115,21 +139,15 @@ impl Layout {
         self.params.last().unwrap().range.end
     }
 
-    /// Arena ranges of layer `i`: (conv weight, BN bias, running (mean, var)).
-    fn layer_ranges(&self, i: usize) -> (Range<usize>, Range<usize>, Range<usize>) {
-        let conv = self.params[1 + i].range.clone();
-        let bias = self.params[self.layers.len() + 2 + i].range.clone();
-        let running = self.running[2 * i].range.start..self.running[2 * i + 1].range.end;
-        (conv, bias, running)
-    }
-
-    /// Fresh parameters as PyTorch initialises airbench94: conv weights kaiming-uniform
-    /// U(±1/√(9·c_in)) with the first c_in filters set to identity (dirac), head U(±1/√w3),
-    /// BN biases and the whitening layer 0 (the whitening weight comes from the data).
-    pub fn init(&self, rng: &mut Rng) -> (Vec<f32>, Vec<f32>) {
+    /// Fresh parameters as PyTorch initialises the recipes' nets: conv weights kaiming-uniform
+    /// U(±1/√(9·c_in)) with the first c_in filters set to identity (dirac), head U(±1/√w3)
+    /// (rescaled to unit std with `head_unit_std`), BN biases 0, and the whitening bias 0 or,
+    /// with `whiten_bias_default`, PyTorch's default U(±1/√12). The whitening weight comes
+    /// from the data.
+    pub fn init(&self, rng: &mut Rng, head_unit_std: bool, whiten_bias_default: bool) -> (Vec<f32>, Vec<f32>) {
         let mut params = vec![0.0f32; self.params_len()];
-        for (i, l) in self.layers.iter().enumerate() {
-            let w = &mut params[self.layer_ranges(i).0];
+        for (l, range) in self.layers.iter().zip(&self.conv) {
+            let w = &mut params[range.clone()];
             let bound = 1.0 / ((9 * l.c_in) as f32).sqrt();
             w.iter_mut().for_each(|v| *v = rng.symmetric(bound));
             for o in 0..l.c_in.min(l.c_out) {
@@ -138,48 +156,25 @@ impl Layout {
                 filter[4 * l.c_in + o] = 1.0; // centre tap (1, 1) of input channel o
             }
         }
+        let head = &mut params[self.head.clone()];
         let bound = 1.0 / (self.widths[2] as f32).sqrt();
-        params[self.param("head.weight")].iter_mut().for_each(|v| *v = rng.symmetric(bound));
+        head.iter_mut().for_each(|v| *v = rng.symmetric(bound));
+        if head_unit_std {
+            let n = head.len() as f64;
+            let mean = head.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let std = (head.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+            head.iter_mut().for_each(|v| *v = (*v as f64 / std) as f32);
+        }
+        if whiten_bias_default {
+            let bound = 1.0 / (PATCH as f32).sqrt();
+            params[self.whiten_bias.clone()].iter_mut().for_each(|v| *v = rng.symmetric(bound));
+        }
         let mut running = vec![0.0f32; self.running_len];
-        for s in self.running.iter().filter(|s| s.name.ends_with("running_var")) {
-            running[s.range.clone()].fill(1.0);
+        for r in &self.bn_running {
+            running[r.start + r.len() / 2..r.end].fill(1.0); // running_var
         }
         (params, running)
     }
-}
-
-/// The uncentered covariance `(12, 12)` of normalised 2×2 patches from the summed moments of
-/// `Backend::patch_moments` (of q = pixel − 128) over `patches` patches. Normalisation is
-/// affine per channel, x = a·q + b with a = 1/(255·std), b = (128/255 − mean)/std, so
-/// Σ xᵢxⱼ = aᵢaⱼ Σ qᵢqⱼ + aᵢbⱼ Σ qᵢ + bᵢaⱼ Σ qⱼ + bᵢbⱼ·patches, evaluated in f64.
-pub fn patch_covariance(sums: &[f64], patches: f64) -> Vec<f64> {
-    let channel = |j: usize| j / 4; // (c, ky, kx) order
-    let a = |j: usize| 1.0 / (255.0 * STD[channel(j)]);
-    let b = |j: usize| (128.0 / 255.0 - MEAN[channel(j)]) / STD[channel(j)];
-    let linear = &sums[PATCH * PATCH..];
-    (0..PATCH * PATCH)
-        .map(|ij| {
-            let (i, j) = (ij / PATCH, ij % PATCH);
-            (a(i) * a(j) * sums[ij] + a(i) * b(j) * linear[i] + b(i) * a(j) * linear[j] + b(i) * b(j) * patches) / patches
-        })
-        .collect()
-}
-
-/// Whitening filters from the uncentered patch covariance `cov (12, 12)`: eigenvectors /
-/// √(λ + eps) and their negatives, as OHWI `(24, 2, 2, 3)`. Also returns the eigenvalues,
-/// descending.
-pub fn whitening_filters(cov: &[f64], eps: f64) -> (Vec<f32>, Vec<f64>) {
-    let (values, vectors) = symmetric_eigen(cov, PATCH);
-    let mut w = vec![0.0f32; WHITEN_OUT * PATCH];
-    for (o, (lambda, v)) in values.iter().zip(&vectors).enumerate() {
-        for (j, &vj) in v.iter().enumerate() {
-            let (c, ky, kx) = (j / 4, j / 2 % 2, j % 2); // PyTorch (c, ky, kx) → OHWI
-            let f = (vj / (lambda + eps).sqrt()) as f32;
-            w[o * PATCH + (ky * 2 + kx) * CHANNELS + c] = f;
-            w[(o + PATCH) * PATCH + (ky * 2 + kx) * CHANNELS + c] = -f;
-        }
-    }
-    (w, values)
 }
 
 /// Activations of one conv layer, all NHWC at batch capacity.
@@ -192,6 +187,7 @@ struct LayerActs<B: Backend> {
 
 /// The network's parameters and every buffer one step needs, allocated once.
 pub struct Net<B: Backend> {
+    pub arch: Arch,
     pub layout: Layout,
     pub capacity: usize,
     pub params: B::Tensor,  // (params_len) the arena
@@ -210,13 +206,11 @@ pub struct Net<B: Backend> {
     grad_y: B::Tensor,  // scratch: gradient w.r.t. a conv output
 }
 
-/// Logits are scaled by this before the loss (airbench94's `scaling_factor`).
-pub const LOGIT_SCALE: f32 = 1.0 / 9.0;
-
 impl<B: Backend> Net<B> {
     /// Allocates everything for batches of up to `capacity` images; fails when a buffer
     /// would exceed what the device can bind.
-    pub fn new(b: &B, widths: [usize; 3], capacity: usize) -> anyhow::Result<Net<B>> {
+    pub fn new(b: &B, arch: Arch, capacity: usize) -> anyhow::Result<Net<B>> {
+        let widths = arch.widths;
         let layout = Layout::new(widths);
         let n = capacity;
         let whiten_len = n * WHITEN_SIDE * WHITEN_SIDE * WHITEN_OUT;
@@ -254,6 +248,7 @@ impl<B: Backend> Net<B> {
             dpooled: b.zeros(n * widths[2]),
             grad_a: b.zeros(largest),
             grad_y: b.zeros(largest),
+            arch,
             layout,
             capacity,
         })
@@ -265,7 +260,7 @@ impl<B: Backend> Net<B> {
 
     fn final_pool(layout: &Layout, n: usize) -> PoolBnShape {
         let last = layout.layers.last().unwrap();
-        PoolBnShape { n, h: last.out_side(), w: last.out_side(), c: last.c_out, pool: last.out_side() }
+        PoolBnShape { n, h: last.out_side(), w: last.out_side(), c: last.c_out, pool: last.out_side(), act: Act::Gelu }
     }
 
     /// `logits = net(x)` for the first `n` images of `self.x`.
@@ -274,20 +269,20 @@ impl<B: Backend> Net<B> {
         let l = &self.layout;
         let params = &self.params;
         let p = |r: Range<usize>| View { buf: params, range: r };
-        b.conv_forward(Self::whiten_shape(n), &self.x, p(l.param("whiten.weight")), &mut self.z0);
-        b.bias_gelu_forward(n * WHITEN_SIDE * WHITEN_SIDE, WHITEN_OUT, &mut self.z0, p(l.param("whiten.bias")), &mut self.a0);
-        for i in 0..l.layers.len() {
-            let (conv, bias, running) = l.layer_ranges(i);
+        b.conv_forward(Self::whiten_shape(n), &self.x, p(l.whiten_weight.clone()), &mut self.z0);
+        b.bias_gelu_forward(n * WHITEN_SIDE * WHITEN_SIDE, WHITEN_OUT, &mut self.z0, p(l.whiten_bias.clone()), &mut self.a0);
+        for (i, layer) in l.layers.iter().enumerate() {
             let (done, rest) = self.acts.split_at_mut(i);
             let input = done.last().map_or(&self.a0, |prev| &prev.a);
             let act = &mut rest[0];
-            b.conv_forward(l.layers[i].conv_shape(n), input, p(conv), &mut act.y);
-            let running = ViewMut { buf: &mut self.running, range: running };
-            b.pool_bn_gelu_forward(l.layers[i].bn_shape(n), mode, &act.y, p(bias), running, &mut act.z, &mut act.a, &mut act.saved);
+            b.conv_forward(layer.conv_shape(n), input, p(l.conv[i].clone()), &mut act.y);
+            let running = ViewMut { buf: &mut self.running, range: l.bn_running[i].clone() };
+            let bias = p(l.bn_bias[i].clone());
+            b.pool_bn_act_forward(layer.bn_shape(n, self.arch.act), mode, &act.y, bias, running, &mut act.z, &mut act.a, &mut act.saved);
         }
         let last = &self.acts.last().unwrap().a;
         b.max_pool_forward(Self::final_pool(l, n), last, &mut self.pooled);
-        b.linear_forward(n, l.widths[2], CLASSES, LOGIT_SCALE, &self.pooled, p(l.param("head.weight")), &mut self.logits);
+        b.linear_forward(n, l.widths[2], CLASSES, self.arch.logit_scale, &self.pooled, p(l.head.clone()), &mut self.logits);
     }
 
     /// Gradients of the loss whose logit gradient is in `self.dlogits`, after a train-mode
@@ -298,12 +293,12 @@ impl<B: Backend> Net<B> {
         let params = &self.params;
         let p = |r: Range<usize>| View { buf: params, range: r };
         let grads = &mut self.grads;
-        let head = l.param("head.weight");
+        let head = l.head.clone();
         b.linear_backward(
             n,
             l.widths[2],
             CLASSES,
-            LOGIT_SCALE,
+            self.arch.logit_scale,
             &self.pooled,
             p(head.clone()),
             &self.dlogits,
@@ -312,12 +307,12 @@ impl<B: Backend> Net<B> {
         );
         b.max_pool_backward(Self::final_pool(l, n), &self.acts.last().unwrap().a, &self.dpooled, &mut self.grad_a);
         for i in (0..l.layers.len()).rev() {
-            let (conv, bias, _) = l.layer_ranges(i);
+            let (conv, bias) = (l.conv[i].clone(), l.bn_bias[i].clone());
             let act = &self.acts[i];
             let input = if i == 0 { &self.a0 } else { &self.acts[i - 1].a };
             let layer = l.layers[i];
-            b.pool_bn_gelu_backward(
-                layer.bn_shape(n),
+            b.pool_bn_act_backward(
+                layer.bn_shape(n, self.arch.act),
                 &act.y,
                 &act.z,
                 &act.saved,
@@ -332,7 +327,7 @@ impl<B: Backend> Net<B> {
             }
         }
         if whiten_bias {
-            let bias = l.param("whiten.bias");
+            let bias = l.whiten_bias.clone();
             b.bias_gelu_backward(n * WHITEN_SIDE * WHITEN_SIDE, WHITEN_OUT, &self.z0, &self.grad_a, ViewMut { buf: grads, range: bias });
         }
     }

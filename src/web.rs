@@ -9,7 +9,8 @@ use crate::backend::wgpu::Wgpu;
 use crate::backend::Backend;
 use crate::checkpoint;
 use crate::data::{parse_records, Split};
-use crate::train::{self, Config, DeviceSplit, Evaluator, Event, Flow, Trainer};
+use crate::run::{self, Event, Flow};
+use crate::train::{Config, DeviceSplit, Evaluator, Recipe, Trainer};
 use anyhow::{anyhow, Context, Result};
 use serde_json::{json, Value};
 use wasm_bindgen::prelude::*;
@@ -39,12 +40,23 @@ pub async fn adapter_info() -> Result<String, JsError> {
     .to_string())
 }
 
+/// The recipes for the page's knobs, as JSON: `[{name, summary, epochs, batch_size, lr}]`.
+#[wasm_bindgen]
+pub fn recipes() -> String {
+    let list = Recipe::ALL.map(|r| {
+        let c = r.config();
+        json!({ "name": r.name(), "summary": r.summary(), "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.lr })
+    });
+    Value::from(list.to_vec()).to_string()
+}
+
 /// `options` (JSON) → the run's `Config` and the train/test image limits.
 fn parse_options(options: &str) -> Result<(Config, Option<usize>, Option<usize>)> {
     let o: Value = serde_json::from_str(options).context("options are not JSON")?;
     let number = |key: &str| o.get(key).and_then(Value::as_f64);
     let count = |key: &str| number(key).map(|v| v as usize);
-    let mut cfg = Config::default();
+    let recipe = o.get("recipe").and_then(Value::as_str).map_or(Ok(Recipe::Airbench94), Recipe::from_name)?;
+    let mut cfg: Config = recipe.config();
     cfg.epochs = number("epochs").unwrap_or(cfg.epochs);
     cfg.batch_size = count("batch_size").unwrap_or(cfg.batch_size);
     cfg.lr = number("lr").unwrap_or(cfg.lr);
@@ -121,12 +133,17 @@ async fn run(train_records: &[u8], test_records: &[u8], options: &str, on_event:
             Flow::Continue
         }
     };
-    let result = train::run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on).await?;
+    let result = run::run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on).await?;
     let (params, running) = trainer.net.state(&gpu).await;
-    let meta = [("tta_accuracy", format!("{:.4}", result.tta_accuracy)), ("seed", cfg.seed.to_string()), ("trained_on", gpu.device_name())];
+    let meta = [
+        ("tta_accuracy", format!("{:.4}", result.tta_accuracy)),
+        ("seed", cfg.seed.to_string()),
+        ("trained_on", gpu.device_name()),
+        ("recipe", cfg.recipe.name().to_string()),
+    ];
     send(json!({
         "kind": "done", "tta_acc": result.tta_accuracy, "val_acc": result.accuracy, "seconds": result.time_seconds,
         "train_seconds": result.train_seconds, "images_per_second": (result.steps * batch) as f64 / result.train_seconds,
     }));
-    checkpoint::to_bytes(trainer.layout(), &params, &running, &meta)
+    checkpoint::to_bytes(&trainer.net.arch, &params, &running, &meta)
 }

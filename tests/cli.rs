@@ -158,6 +158,43 @@ fn bad_flags_and_paths_are_clean_errors() {
     );
 }
 
+/// `--recipe` picks a preset that the explicit flags override; the JSON row and the checkpoint
+/// name it, and the checkpoint carries the recipe's network (SiLU, logits / 256) into `eval`.
+#[test]
+fn recipes_train_from_the_command_line() {
+    let o = speedrun(&["recipes"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    for (name, steps) in [("airbench94", "476 steps of 1024"), ("airbench94-muon", "200 steps of 2000"), ("hiverge", "243 steps of 1536")] {
+        assert!(out.lines().any(|l| l.starts_with(name)) && out.contains(steps), "{name}: {out}");
+    }
+    fails_with(&speedrun(&["train", "--recipe", "fastest"], &[]), 2, "choose one of airbench94, airbench94-muon, hiverge");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    small_data(tmp.path(), |_| {});
+    let (json, ckpt) = (tmp.path().join("runs.jsonl"), tmp.path().join("net.safetensors"));
+    let files = ["--json", json.to_str().unwrap(), "--save", ckpt.to_str().unwrap()];
+    let o = speedrun(&[&["train", "--recipe", "hiverge", "--data-dir", dir, "--batch-size", "32"][..], &TINY, &files].concat(), &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("recipe hiverge") && out.contains("batch 32; 2 steps"), "{out}");
+    let r: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+    assert_eq!((r["recipe"].as_str(), r["batch_size"].as_u64(), r["epochs"].as_f64()), (Some("hiverge"), Some(32), Some(1.0)));
+    let bytes = std::fs::read(&ckpt).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let meta = meta.metadata().clone().unwrap();
+    assert_eq!((meta["recipe"].as_str(), meta["activation"].as_str(), meta["logit_scale"].as_str()), ("hiverge", "silu", "0.00390625"));
+    // Without TTA, eval sees exactly the run's last plain accuracy: the same network.
+    let o = speedrun(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data-dir", dir, "--tta", "0", "--test-limit", "32"], &[]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains(&format!("{:.2}%", 100.0 * r["accuracy"].as_f64().unwrap())),
+        "eval printed {out}, the run measured {}",
+        r["accuracy"]
+    );
+}
+
 /// `speedrun profile` times every conv pass of a step (epoch 1 includes the whitening-bias
 /// gradient through block1.conv1) and rejects steps outside the run.
 #[test]

@@ -11,7 +11,7 @@ mod short_run;
 
 use speedrun::backend::{all, block_on, cpu::Cpu, Backend};
 use speedrun::data::{load_test, load_train, Split};
-use speedrun::train::{Config, DeviceSplit, Trainer};
+use speedrun::train::{Config, DeviceSplit, Recipe, Trainer};
 
 /// After one training step from the same state: logits, every gradient, BN statistics and
 /// the updated parameters, compared as `tests/reference.rs` compares with PyTorch.
@@ -51,23 +51,27 @@ fn one_step_matches_the_cpu<G: Backend>(gpu: &G) {
     assert!(rel(&dev.3, &cpu.3) < 1e-5, "running statistics: {:.2e}", rel(&dev.3, &cpu.3));
 }
 
-/// 16 steps of a small net: per-step losses within `loss_tolerance` (relative), accuracies
-/// within `accuracy_margin`.
-fn trains_like_the_cpu<G: Backend>(gpu: &G, loss_tolerance: f64, accuracy_margin: f64) {
+/// 16 steps of a small net trained by `recipe`: per-step losses within `loss_tolerance`
+/// (relative; a pair: the first `MUON_EXACT_STEPS` steps, then the rest), accuracies within
+/// `accuracy_margin`.
+fn trains_like_the_cpu<G: Backend>(gpu: &G, recipe: Recipe, loss_tolerance: (f64, f64), accuracy_margin: f64) {
     let data = common::cifar_dir();
     let (train_split, test_split) = (load_train(&data, Some(1024)).unwrap(), load_test(&data, Some(256)).unwrap());
-    let cfg = Config { widths: [8, 16, 16], batch_size: 128, epochs: 2.0, whiten_images: 1024, ..Config::default() };
+    let cfg = Config { widths: [8, 16, 16], batch_size: 128, epochs: 2.0, whiten_images: 1024, ..recipe.config() };
+    println!("recipe {}", recipe.name());
     let (cpu_losses, cpu_plain, cpu_tta) = block_on(short_run::train(&Cpu::new(), &cfg, &train_split, &test_split));
     let (gpu_losses, gpu_plain, gpu_tta) = block_on(short_run::train(gpu, &cfg, &train_split, &test_split));
     println!("step   cpu loss   {:>4} loss   relative difference", gpu.name());
-    let mut worst = 0.0f64;
+    let mut worst = [0.0f64; 2];
     for (i, (c, g, rel)) in short_run::loss_table(&cpu_losses, &gpu_losses).into_iter().enumerate() {
-        worst = worst.max(rel);
+        let later = (i >= MUON_EXACT_STEPS) as usize;
+        worst[later] = worst[later].max(rel);
         println!("{:>4} {c:>10.5} {g:>11.5} {rel:>12.2e}", i + 1);
     }
     println!("accuracy: cpu {cpu_plain:.4} (TTA {cpu_tta:.4}), {} {gpu_plain:.4} (TTA {gpu_tta:.4})", gpu.name());
     assert_eq!(cpu_losses.len(), 16);
-    assert!(worst < loss_tolerance, "per-step losses differ by up to {worst:.2e} (relative)");
+    assert!(worst[0] < loss_tolerance.0, "per-step losses of the first steps differ by up to {:.2e} (relative)", worst[0]);
+    assert!(worst[1] < loss_tolerance.1, "per-step losses of the later steps differ by up to {:.2e} (relative)", worst[1]);
     assert!((cpu_plain - gpu_plain).abs() <= accuracy_margin && (cpu_tta - gpu_tta).abs() <= accuracy_margin, "accuracies differ");
     assert!(cpu_losses.last() < cpu_losses.first(), "the loss drops");
 }
@@ -75,8 +79,17 @@ fn trains_like_the_cpu<G: Backend>(gpu: &G, loss_tolerance: f64, accuracy_margin
 // f32 backends: same data, init and augmentation stream, so the losses agree to about the
 // f32 resolution of the summed loss (wgpu on lavapipe: ~1e-6 over all 16 steps); 256 test
 // images, so one image is 0.4 points of accuracy.
-const F32_LOSS_TOLERANCE: f64 = 1e-4;
+const F32_LOSS_TOLERANCE: (f64, f64) = (1e-4, 1e-4);
 const F32_ACCURACY_MARGIN: f64 = 0.02;
+
+// Muon amplifies rounding: it replaces each filter's update by its orthogonalised direction,
+// so gradient components near f32 noise become updates as large as the rest. The recipes are
+// chaotic at this size: on the CPU alone, whitening filters moved by ~1e-7 (eps × (1 + 1e-6))
+// give per-step losses that differ by up to 1e-5 in steps 1–4 and up to 7e-4 (hiverge) and
+// 5e-4 (airbench94-muon) in steps 5–16, while airbench94's do not move at all. So the first
+// steps keep the f32 tolerance and the later ones get 3× the CPU's own spread.
+const MUON_EXACT_STEPS: usize = 4;
+const MUON_LOSS_TOLERANCE: (f64, f64) = (1e-4, 2e-3);
 
 #[cfg(feature = "wgpu")]
 mod wgpu {
@@ -92,7 +105,15 @@ mod wgpu {
     #[test]
     fn trains_like_the_cpu() {
         if let Some(gpu) = common::wgpu_device() {
-            super::trains_like_the_cpu(&gpu, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
+        }
+    }
+
+    /// Muon (Newton–Schulz through the matmul kernel), SiLU, colour jitter.
+    #[test]
+    fn trains_hiverge_like_the_cpu() {
+        if let Some(gpu) = common::wgpu_device() {
+            super::trains_like_the_cpu(&gpu, Recipe::Hiverge, MUON_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
         }
     }
 }
@@ -112,7 +133,7 @@ mod cuda {
     #[test]
     fn trains_like_the_cpu() {
         if let Some(gpu) = common::cuda_device(false) {
-            super::trains_like_the_cpu(&gpu, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
             let (replays, graphs) = gpu.graph_stats();
             println!("{replays} steps replayed from {graphs} CUDA graphs");
             assert_eq!(replays, 14, "steps 3-16 (step 1 makes the cuDNN plans, so step 2 runs directly)");
@@ -123,8 +144,16 @@ mod cuda {
     fn trains_like_the_cpu_without_graphs() {
         if let Some(gpu) = common::cuda_device(false) {
             gpu.set_graphs(false);
-            super::trains_like_the_cpu(&gpu, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, F32_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
             assert_eq!(gpu.graph_stats().0, 0);
+        }
+    }
+
+    /// Muon (Newton–Schulz through cuBLAS), SiLU, colour jitter; steps replayed as graphs.
+    #[test]
+    fn trains_hiverge_like_the_cpu() {
+        if let Some(gpu) = common::cuda_device(false) {
+            super::trains_like_the_cpu(&gpu, Recipe::Hiverge, MUON_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
         }
     }
 
@@ -134,7 +163,7 @@ mod cuda {
     #[test]
     fn trains_like_the_cpu_with_tf32() {
         if let Some(gpu) = common::cuda_device(true) {
-            super::trains_like_the_cpu(&gpu, 1e-2, 0.03);
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, (1e-2, 1e-2), 0.03);
         }
     }
 }

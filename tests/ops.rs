@@ -5,7 +5,7 @@
 
 mod common;
 
-use speedrun::backend::{all, all_mut, block_on, reflect, Backend, BnMode, ConvShape, Crop, PoolBnShape, ViewMut};
+use speedrun::backend::{all, all_mut, block_on, reflect, Act, Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut};
 use speedrun::rng::Rng;
 
 fn upload<B: Backend>(b: &B, v: &[f32]) -> B::Tensor {
@@ -182,9 +182,23 @@ pub fn bias_gelu<B: Backend>(b: &B) {
     check_grad("dbias", &mut bias, &read(b, &dbias, c), 1e-2, |bias| dot(&forward(&z0, bias).1, &r));
 }
 
-/// Pool → BN (batch statistics) → GELU in float64: returns (a, dy, dβ) for the upstream
+/// The activation and its derivative in float64.
+fn act_ref(act: Act, z: f64) -> (f64, f64) {
+    match act {
+        Act::Gelu => {
+            let cdf = 0.5 * (1.0 + libm::erf(z / std::f64::consts::SQRT_2));
+            (z * cdf, cdf + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt())
+        }
+        Act::Silu => {
+            let sigmoid = 1.0 / (1.0 + (-z).exp());
+            (z * sigmoid, sigmoid * (1.0 + z * (1.0 - sigmoid)))
+        }
+    }
+}
+
+/// Pool → BN (batch statistics) → `s.act` in float64: returns (a, dy, dβ) for the upstream
 /// gradient `r`, and the running (mean, var) after a momentum-0.6 update from (0, 1).
-fn pool_bn_gelu_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+fn pool_bn_act_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let (c, p) = (s.c, s.pool);
     let rows = s.n * s.out_h() * s.out_w();
     let window = |row: usize, k: usize| {
@@ -192,7 +206,6 @@ fn pool_bn_gelu_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec
         (bi * s.h + oy * p + k / p) * s.w + ox * p + k % p
     };
     let (mut a, mut dy, mut dbeta, mut running) = (vec![0.0; rows * c], vec![0.0; y.len()], vec![0.0; c], vec![0.0; 2 * c]);
-    let erf_cdf = |z: f64| 0.5 * (1.0 + libm::erf(z / std::f64::consts::SQRT_2));
     for ch in 0..c {
         // First maximum of each window, as PyTorch.
         let arg: Vec<usize> = (0..rows)
@@ -207,9 +220,9 @@ fn pool_bn_gelu_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec
         let xhat: Vec<f64> = v.iter().map(|x| (x - mean) * istd).collect();
         let dz: Vec<f64> = (0..rows)
             .map(|row| {
-                let z = xhat[row] + beta[ch] as f64;
-                a[row * c + ch] = z * erf_cdf(z);
-                r[row * c + ch] as f64 * (erf_cdf(z) + z * (-0.5 * z * z).exp() / (2.0 * std::f64::consts::PI).sqrt())
+                let (value, slope) = act_ref(s.act, xhat[row] + beta[ch] as f64);
+                a[row * c + ch] = value;
+                r[row * c + ch] as f64 * slope
             })
             .collect();
         dbeta[ch] = dz.iter().sum();
@@ -221,23 +234,24 @@ fn pool_bn_gelu_ref(s: &PoolBnShape, y: &[f32], beta: &[f32], r: &[f32]) -> (Vec
     (a, dy, dbeta, running)
 }
 
-pub fn pool_bn_gelu<B: Backend>(b: &B) {
+pub fn pool_bn_act<B: Backend>(b: &B) {
     // Small shapes also against finite differences; the large one spans several row chunks
     // and channel groups of the two-stage reductions.
     let shapes = [
-        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 1 }, true),
-        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 2 }, true),
-        (PoolBnShape { n: 8, h: 17, w: 16, c: 70, pool: 2 }, false),
+        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 1, act: Act::Gelu }, true),
+        (PoolBnShape { n: 3, h: 4, w: 5, c: 3, pool: 2, act: Act::Gelu }, true),
+        (PoolBnShape { n: 8, h: 17, w: 16, c: 70, pool: 2, act: Act::Gelu }, false),
     ];
-    for (s, finite_differences) in shapes {
-        let shape = format!("({}, {}, {}, {}) pool {}", s.n, s.h, s.w, s.c, s.pool);
+    let silu = shapes.map(|(s, fd)| (PoolBnShape { act: Act::Silu, ..s }, fd));
+    for (s, finite_differences) in shapes.into_iter().chain(silu) {
+        let shape = format!("({}, {}, {}, {}) pool {} {:?}", s.n, s.h, s.w, s.c, s.pool, s.act);
         let out = s.n * s.out_h() * s.out_w() * s.c;
         let (mut y, mut beta, r) = (distinct(s.n * s.h * s.w * s.c, 9), random(s.c, 10), random(out, 11));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
         let forward = |y: &[f32], beta: &[f32]| {
             let mut running = upload(b, &[vec![0.0; s.c], vec![1.0; s.c]].concat());
             let (mut z, mut a, mut saved) = (b.zeros(out), b.zeros(out), b.zeros(2 * s.c));
-            b.pool_bn_gelu_forward(
+            b.pool_bn_act_forward(
                 s,
                 mode,
                 &upload(b, y),
@@ -250,13 +264,13 @@ pub fn pool_bn_gelu<B: Backend>(b: &B) {
             (z, a, saved, read(b, &running, 2 * s.c))
         };
         let (z, a, saved, running) = forward(&y, &beta);
-        let (want_a, want_dy, want_dbeta, want_running) = pool_bn_gelu_ref(&s, &y, &beta, &r);
-        assert_close(&format!("{shape} bn gelu"), &read(b, &a, out), &want_a, 1e-5);
+        let (want_a, want_dy, want_dbeta, want_running) = pool_bn_act_ref(&s, &y, &beta, &r);
+        assert_close(&format!("{shape} bn act"), &read(b, &a, out), &want_a, 1e-5);
         assert_close(&format!("{shape} running stats (unbiased var)"), &running, &want_running, 1e-5);
         // dy starts with stale values: the op must write every position, pooled away or not.
         let (mut dy, mut dbeta) = (upload(b, &vec![7.0; y.len()]), b.zeros(s.c));
         let mut da = upload(b, &r);
-        b.pool_bn_gelu_backward(s, &upload(b, &y), &z, &saved, all(&upload(b, &beta), s.c), &mut da, &mut dy, all_mut(&mut dbeta, s.c));
+        b.pool_bn_act_backward(s, &upload(b, &y), &z, &saved, all(&upload(b, &beta), s.c), &mut da, &mut dy, all_mut(&mut dbeta, s.c));
         let (dy, dbeta) = (read(b, &dy, y.len()), read(b, &dbeta, s.c));
         assert_close(&format!("{shape} dy"), &dy, &want_dy, 1e-4);
         assert_close(&format!("{shape} dbeta"), &dbeta, &want_dbeta, 1e-4);
@@ -271,7 +285,7 @@ pub fn pool_bn_gelu<B: Backend>(b: &B) {
 }
 
 pub fn max_pool<B: Backend>(b: &B) {
-    let s = PoolBnShape { n: 2, h: 7, w: 7, c: 3, pool: 3 }; // floor: 7 → 2
+    let s = PoolBnShape { n: 2, h: 7, w: 7, c: 3, pool: 3, act: Act::Gelu }; // floor: 7 → 2
     let out = s.n * 2 * 2 * s.c;
     let (mut x, r) = (distinct(s.n * 49 * s.c, 12), random(out, 13));
     let forward = |x: &[f32]| {
@@ -310,7 +324,7 @@ pub fn linear_and_loss<B: Backend>(b: &B) {
         want += (0..10).map(|j| (0.02 + if j == label as usize { 0.8 } else { 0.0 }) * (lse - row[j] as f64)).sum::<f64>();
     }
     assert_close("linear+loss loss", &stats[..1], &[want], 1e-5);
-    let correct = logits.chunks_exact(10).zip(&labels).filter(|(r, &l)| speedrun::train::argmax(r) == l as usize).count();
+    let correct = logits.chunks_exact(10).zip(&labels).filter(|(r, &l)| speedrun::run::argmax(r) == l as usize).count();
     assert_eq!(stats[1] as usize, correct);
     let mut dlogits = b.zeros(n * 10);
     b.cross_entropy(n, 0.2, &upload(b, &logits), &tl, Some(&mut dlogits), &mut b.zeros(2));
@@ -341,7 +355,7 @@ pub fn loss_many_rows<B: Backend>(b: &B) {
             loss += t * (lse - l[j] as f64);
             grad[row * 10 + j] = (l[j] as f64 - lse).exp() - t;
         }
-        correct += (speedrun::train::argmax(l) == label as usize) as usize as f64;
+        correct += (speedrun::run::argmax(l) == label as usize) as usize as f64;
     }
     assert_close("accumulated loss and correct count", &read(b, &stats, 2), &[loss, correct], 1e-6);
     assert_close("dlogits", &read(b, &dlogits, n * 10), &grad, 1e-6);
@@ -354,14 +368,17 @@ pub fn load_batch_views<B: Backend>(b: &B) {
     let crops =
         [Crop { dy: 2, dx: -1, flip: true }, Crop { dy: -2, dx: 0, flip: false }, Crop::IDENTITY, Crop { dy: -1, dx: 1, flip: true }];
     let index = [2u32, 0, 1, 2];
-    let load = |index: &[u32], crops: &[Crop]| {
+    // Per image (brightness, contrast), behind two unused rows: the view's offset counts.
+    let jitter = upload(b, &[9.0, 9.0, 9.0, 9.0, 0.1, 1.1, -0.05, 0.9, 0.0, 1.0, 0.13, 1.13]);
+    let load_jittered = |index: &[u32], crops: &[Crop], jitter: Option<View<B::Tensor>>| {
         let (mut ti, mut tc) = (b.index_zeros(index.len()), b.index_zeros(index.len()));
         b.upload_index(all_mut(&mut ti, index.len()), index);
         b.upload_index(all_mut(&mut tc, index.len()), &crops.iter().map(|c| c.pack()).collect::<Vec<_>>());
         let (mut x, mut labels) = (b.zeros(index.len() * 3072), b.index_zeros(index.len()));
-        b.load_batch(&images, all(&ti, index.len()), all(&tc, index.len()), &mut x, &mut labels);
+        b.load_batch(&images, all(&ti, index.len()), all(&tc, index.len()), jitter, &mut x, &mut labels);
         read(b, &x, index.len() * 3072)
     };
+    let load = |index: &[u32], crops: &[Crop]| load_jittered(index, crops, None);
     let x = load(&index, &crops);
     let (mean, std) = ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]);
     let mut worst = 0.0f64;
@@ -376,6 +393,11 @@ pub fn load_batch_views<B: Backend>(b: &B) {
         }
     }
     report("load_batch pixels", worst, "(absolute)", 1e-5);
+    // Colour jitter: every value of image k becomes (x + brightness_k)·contrast_k.
+    let jittered = load_jittered(&index, &crops, Some(View { buf: &jitter, range: 4..12 }));
+    let j = [(0.1, 1.1), (-0.05, 0.9), (0.0, 1.0), (0.13, 1.13)];
+    let want: Vec<f64> = x.iter().enumerate().map(|(i, &v)| (v as f64 + j[i / 3072].0) * j[i / 3072].1).collect();
+    assert_close("load_batch colour jitter", &jittered, &want, 1e-6);
     // Mirroring a view equals the mirrored image's view at −dx: what TTA and the
     // alternating flip rely on.
     let mirror = |img: &[f32]| -> Vec<f32> { (0..3072).map(|j| img[(j / 96) * 96 + (31 - j / 3 % 32) * 3 + j % 3]).collect() };
@@ -441,14 +463,179 @@ pub fn optimizer_ops<B: Backend>(b: &B) {
     let mut net = upload(b, &[7.0, 7.0]);
     b.lookahead(1.0, all_mut(&mut ema, 2), all_mut(&mut net, 2));
     assert_eq!((read(b, &ema, 2), read(b, &net, 2)), (vec![2.5, -1.0], vec![2.5, -1.0]));
-    // axpy, fill, copy
+    // axpby, fill, copy
     let mut y = upload(b, &[1.0, 1.0, 1.0]);
-    b.axpy(0.5, all(&upload(b, &[2.0, 4.0, 6.0]), 3), all_mut(&mut y, 3));
+    b.axpby(0.5, all(&upload(b, &[2.0, 4.0, 6.0]), 3), 1.0, all_mut(&mut y, 3));
     assert_eq!(read(b, &y, 3), vec![2.0, 3.0, 4.0]);
+    b.axpby(-1.0, all(&upload(b, &[1.0, 1.0, 1.0]), 3), 0.5, all_mut(&mut y, 3));
+    assert_eq!(read(b, &y, 3), vec![0.0, 0.5, 1.0]);
+    b.axpby(1.0, all(&upload(b, &[2.0, 3.0, 4.0]), 3), 1.0, all_mut(&mut y, 3));
     b.fill(ViewMut { buf: &mut y, range: 1..3 }, 0.0);
     assert_eq!(read(b, &y, 3), vec![2.0, 0.0, 0.0]);
     b.copy(all(&upload(b, &[9.0]), 1), ViewMut { buf: &mut y, range: 2..3 });
     assert_eq!(read(b, &y, 3), vec![2.0, 0.0, 9.0]);
+}
+
+pub fn muon_ops<B: Backend>(b: &B) {
+    // Nesterov momentum: m = μm + g; out = g + μm (three steps, by hand), in offset windows.
+    let (mu, grads) = (0.6f64, [[1.0f32, -2.0], [0.5, 0.25], [-1.0, 1.0]]);
+    let (mut m, mut out) = (b.zeros(3), b.zeros(4));
+    let (mut hm, mut hout) = ([0.0f64; 2], [0.0f64; 2]);
+    for g in grads {
+        let g_buf = upload(b, &[5.0, g[0], g[1]]);
+        b.nesterov(
+            mu as f32,
+            View { buf: &g_buf, range: 1..3 },
+            ViewMut { buf: &mut m, range: 1..3 },
+            ViewMut { buf: &mut out, range: 2..4 },
+        );
+        for k in 0..2 {
+            hm[k] = mu * hm[k] + g[k] as f64;
+            hout[k] = g[k] as f64 + mu * hm[k];
+        }
+    }
+    assert_close("nesterov momentum", &read(b, &m, 3)[1..], &hm, 1e-6);
+    assert_close("nesterov output", &read(b, &out, 4)[2..], &hout, 1e-6);
+    assert_eq!((read(b, &m, 3)[0], read(b, &out, 4)[..2].to_vec()), (0.0, vec![0.0, 0.0]), "writes only its windows");
+    // scale_to_norm over a window long enough for several partial sums on a GPU.
+    let x = random(70_001, 30);
+    let mut t = upload(b, &[vec![3.0], x.clone(), vec![3.0]].concat());
+    b.scale_to_norm(2.5, 0.1, ViewMut { buf: &mut t, range: 1..70_002 });
+    let norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let want: Vec<f64> = x.iter().map(|&v| v as f64 * 2.5 / (norm + 0.1)).collect();
+    let got = read(b, &t, 70_003);
+    assert_close("scale_to_norm", &got[1..70_002], &want, 1e-5);
+    assert_eq!((got[0], got[70_002]), (3.0, 3.0), "writes only its window");
+}
+
+/// `alpha·a·op(b) + beta·c` in float64, row-major.
+fn matmul_ref((m, k, n): (usize, usize, usize), alpha: f64, a: &[f32], bm: &[f32], transposed: bool, beta: f64, c: &[f32]) -> Vec<f64> {
+    let at = |i: usize, j: usize| if transposed { bm[j * k + i] } else { bm[i * n + j] } as f64;
+    (0..m * n).map(|ij| alpha * (0..k).map(|l| a[ij / n * k + l] as f64 * at(l, ij % n)).sum::<f64>() + beta * c[ij] as f64).collect()
+}
+
+pub fn matmul<B: Backend>(b: &B) {
+    // Shapes around the 64-wide tiles of the GPU kernels, and the Newton–Schulz products.
+    for (m, k, n) in [(3, 5, 4), (70, 33, 65), (16, 144, 16), (64, 576, 64), (16, 16, 144)] {
+        for transposed in [false, true] {
+            let (a, bm, c) = (random(m * k, 31), random(k * n, 32), random(m * n, 33));
+            // Offset windows; beta = 0 must ignore the old c, NaN included.
+            let (ta, tb) = (upload(b, &[vec![9.0; 3], a.clone()].concat()), upload(b, &[vec![9.0; 5], bm.clone()].concat()));
+            for (alpha, beta) in [(1.0, 0.0), (-0.7, 1.3)] {
+                let old = if beta == 0.0 { vec![f32::NAN; m * n] } else { c.clone() };
+                let mut tc = upload(b, &[vec![4.0; 2], old].concat());
+                let (va, vb) = (View { buf: &ta, range: 3..3 + m * k }, View { buf: &tb, range: 5..5 + k * n });
+                b.matmul((m, k, n), alpha, va, vb, transposed, beta, ViewMut { buf: &mut tc, range: 2..2 + m * n });
+                let got = read(b, &tc, 2 + m * n);
+                let want = matmul_ref((m, k, n), alpha as f64, &a, &bm, transposed, beta as f64, &c);
+                assert_close(&format!("matmul ({m}, {k}, {n}) transposed {transposed} alpha {alpha} beta {beta}"), &got[2..], &want, 1e-5);
+                assert_eq!(got[..2], [4.0, 4.0], "writes only its window");
+            }
+        }
+    }
+}
+
+/// The Newton–Schulz iteration of `NewtonSchulz::run` in float64, on `x (rows, cols)`.
+fn newton_schulz_ref(x: &[f32], (rows, cols): (usize, usize), [a, bc, c]: [f64; 3], iterations: usize, eps: f64) -> Vec<f64> {
+    let norm = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let mut x: Vec<f64> = x.iter().map(|&v| v as f64 / (norm + eps)).collect();
+    let mul = |p: &[f64], q: &[f64], (m, k, n): (usize, usize, usize)| -> Vec<f64> {
+        (0..m * n).map(|ij| (0..k).map(|l| p[ij / n * k + l] * q[l * n + ij % n]).sum()).collect()
+    };
+    for _ in 0..iterations {
+        let xt: Vec<f64> = (0..cols * rows).map(|ji| x[ji % rows * cols + ji / rows]).collect();
+        let xxt = mul(&x, &xt, (rows, cols, rows));
+        let xxt2 = mul(&xxt, &xxt, (rows, rows, rows));
+        let p: Vec<f64> = xxt.iter().zip(&xxt2).map(|(a1, a2)| bc * a1 + c * a2).collect();
+        let px = mul(&p, &x, (rows, rows, cols));
+        x = x.iter().zip(&px).map(|(x, px)| a * x + px).collect();
+    }
+    x
+}
+
+/// Singular values of `x (rows, cols)`, rows ≤ cols, from the eigenvalues of x·xᵀ.
+fn singular_values(x: &[f64], (rows, cols): (usize, usize)) -> Vec<f64> {
+    let gram: Vec<f64> = (0..rows * rows).map(|ij| (0..cols).map(|l| x[ij / rows * cols + l] * x[ij % rows * cols + l]).sum()).collect();
+    speedrun::linalg::symmetric_eigen(&gram, rows).0.iter().map(|l| l.max(0.0).sqrt()).collect()
+}
+
+pub fn newton_schulz<B: Backend>(b: &B) {
+    let hiverge = speedrun::train::Recipe::Hiverge.config().muon.unwrap();
+    let muon = speedrun::train::Recipe::Airbench94Muon.config().muon.unwrap();
+    for (shape, m) in [((12, 40), &muon), ((24, 216), &hiverge), ((32, 288), &muon)] {
+        let (rows, cols) = shape;
+        // A gradient-like matrix: three strong directions over noise of comparable size.
+        let (u, v, noise) = (random(rows * 3, 40), random(3 * cols, 41), random(rows * cols, 42));
+        let g: Vec<f32> = (0..rows * cols)
+            .map(|ij| (0..3).map(|r| u[ij / cols * 3 + r] * v[r * cols + ij % cols] * 3f32.powi(r as i32)).sum::<f32>() + noise[ij])
+            .collect();
+        let mut ns = speedrun::train::NewtonSchulz::new(b, rows, rows * cols);
+        b.upload(all_mut(&mut ns.x, g.len()), &g);
+        ns.run(b, shape, m.coefficients, m.iterations, m.eps as f32);
+        let got = read(b, &ns.x, rows * cols);
+        let want = newton_schulz_ref(&g, shape, m.coefficients, m.iterations, m.eps);
+        assert_close(&format!("newton_schulz {shape:?}"), &got, &want, 1e-5);
+        // The iteration acts on each singular value σ of g/‖g‖ alone, as the scalar quintic
+        // p(σ) = aσ + bσ³ + cσ⁵ applied `iterations` times; Muon's coefficients send every σ
+        // above ~0.02 into a band around 1 (from 0.70 at σ = 1 to 1.2 near σ = 0.05).
+        let [ca, cb, cc] = m.coefficients;
+        let quintic = |s: f64| (0..m.iterations).fold(s, |s, _| ca * s + cb * s.powi(3) + cc * s.powi(5));
+        let before = singular_values(&g.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape);
+        let norm = before.iter().map(|s| s * s).sum::<f64>().sqrt();
+        let after = singular_values(&got.iter().map(|&v| v as f64).collect::<Vec<_>>(), shape);
+        let mut predicted: Vec<f64> = before.iter().map(|s| quintic(s / norm)).collect();
+        predicted.sort_by(|a, b| b.total_cmp(a));
+        let worst = after.iter().zip(&predicted).map(|(a, p)| (a - p).abs()).fold(0.0, f64::max);
+        report(&format!("newton_schulz {shape:?} singular values vs the scalar quintic"), worst, "(absolute)", 1e-4);
+        assert!(worst < 1e-4, "singular values {after:?} differ from the quintic's {predicted:?}");
+        for (s, out) in before.iter().zip(&after) {
+            if s / norm > 0.02 {
+                assert!((0.5..1.25).contains(out), "σ/‖g‖ = {:.3} ended at {out:.3}, outside Muon's band", s / norm);
+            }
+        }
+        println!(
+            "newton_schulz {shape:?}: singular values {:.3}..{:.3} after, from {:.4}..{:.4} of ‖g‖",
+            after[rows - 1],
+            after[0],
+            before[rows - 1] / norm,
+            before[0] / norm
+        );
+    }
+}
+
+pub fn muon_step<B: Backend>(b: &B) {
+    // One hiverge Muon step with renormalisation and decoupled decay, on a (16, 144) filter
+    // inside a larger arena, against the same maths in float64.
+    let muon = speedrun::train::Recipe::Hiverge.config().muon.unwrap();
+    let (rows, cols, at) = (16, 144, 10);
+    let (w, g, m) = (random(rows * cols, 50), random(rows * cols, 51), random(rows * cols, 52));
+    let (lr, decay) = (0.2f32, 0.99f32);
+    let mut ns = speedrun::train::NewtonSchulz::new(b, rows, rows * cols);
+    let arena = |v: &[f32]| upload(b, &[vec![1.0; at], v.to_vec(), vec![1.0; 3]].concat());
+    let (tg, mut tm, mut tw) = (arena(&g), arena(&m), arena(&w));
+    let range = at..at + rows * cols;
+    let views = (View { buf: &tg, range: range.clone() }, ViewMut { buf: &mut tm, range: range.clone() });
+    speedrun::train::muon_update(
+        b,
+        &mut ns,
+        &muon,
+        (rows, cols),
+        (lr, decay, true),
+        views.0,
+        views.1,
+        ViewMut { buf: &mut tw, range: range.clone() },
+    );
+    let mu = muon.momentum;
+    let want_m: Vec<f64> = m.iter().zip(&g).map(|(&m, &g)| mu * m as f64 + g as f64).collect();
+    let update: Vec<f32> = g.iter().zip(&want_m).map(|(&g, m)| (g as f64 + mu * m) as f32).collect();
+    let x = newton_schulz_ref(&update, (rows, cols), muon.coefficients, muon.iterations, muon.eps);
+    let w_norm = w.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+    let want_w: Vec<f64> =
+        w.iter().zip(&x).map(|(&w, x)| decay as f64 * (w as f64 * (rows as f64).sqrt() / w_norm - lr as f64 * x)).collect();
+    assert_close("muon momentum", &read(b, &tm, at + rows * cols)[range.clone()], &want_m, 1e-6);
+    let got = read(b, &tw, at + rows * cols + 3);
+    assert_close("muon weights", &got[range], &want_w, 1e-5);
+    assert!(got[..at].iter().chain(&got[at + rows * cols..]).all(|&v| v == 1.0), "writes only its window");
 }
 
 /// One `#[test]` per op body, per backend: `$make` gives `Option<backend>` (None skips).
@@ -470,13 +657,17 @@ macro_rules! all_ops {
                 conv_backward,
                 conv_large,
                 bias_gelu,
-                pool_bn_gelu,
+                pool_bn_act,
                 max_pool,
                 linear_and_loss,
                 loss_many_rows,
                 load_batch_views,
                 patch_moments,
-                optimizer_ops
+                optimizer_ops,
+                muon_ops,
+                matmul,
+                newton_schulz,
+                muon_step
             ]
         );
     };

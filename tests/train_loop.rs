@@ -1,5 +1,6 @@
-//! The recipe's loop arithmetic: optimizer groups, lr schedule, lookahead, TTA views,
-//! alternating flip, determinism, and the NaN guard.
+//! The recipes' loop arithmetic: optimizer groups, lr schedules, lookahead, Muon's
+//! renormalisation cadence, TTA views and selective TTA's choice, alternating flip, colour
+//! jitter, determinism, and the NaN guard.
 
 #[path = "common/short_run.rs"]
 mod short_run;
@@ -8,11 +9,14 @@ use short_run::synthetic;
 use speedrun::backend::{block_on, cpu::Cpu, Crop};
 use speedrun::data::Split;
 use speedrun::rng::Rng;
-use speedrun::train::{epoch_crops, run, tta_views, Config, DeviceSplit, Evaluator, Event, Flow, Trainer};
+use speedrun::run::{least_confident, run, tta_views, Event, Flow};
+use speedrun::train::{epoch_crops, epoch_jitter, Config, DeviceSplit, Evaluator, Recipe, Renorm, Trainer};
 
 #[test]
 fn groups_follow_the_decoupled_formulas() {
-    let (base, bias) = Config::default().groups();
+    let g = Config::default().groups();
+    assert_eq!((g.whiten_bias, g.head), (g.filters, g.filters), "one base group");
+    let (base, bias) = (g.filters, g.bn_bias);
     let close = |a: f64, b: f64| (a - b).abs() < 1e-6 * b.abs();
     assert!(close(base.lr, 11.5 / 7_850.666_666_666_667), "lr {}", base.lr);
     assert!(close(base.weight_decay, 0.0153 * 1024.0 / 11.5), "wd {}", base.weight_decay); // 1.36237
@@ -32,6 +36,70 @@ fn schedule_and_step_counts_match_the_recipe() {
     assert!((m(108) - (0.2 * (1.0 - 108.0 / 109.0) + 108.0 / 109.0)).abs() < 1e-12);
     assert_eq!(m(109), 1.0);
     assert!((m(475) - (1.0 - 366.0 / 367.0 + 0.07 * 366.0 / 367.0)).abs() < 1e-12);
+}
+
+#[test]
+fn muon_recipes_have_their_scripts_numbers() {
+    let muon = Recipe::Airbench94Muon.config();
+    assert_eq!((muon.steps_per_epoch(50_000), muon.total_steps(50_000), muon.whiten_bias_steps(50_000)), (25, 200, 75));
+    let g = muon.groups();
+    let wd = 2e-6 * 2000.0; // SGD's weight_decay argument is wd/lr: every group decays by wd·schedule
+    for (group, lr) in [(g.whiten_bias, 0.053), (g.bn_bias, 0.053), (g.head, 0.67)] {
+        assert!((group.lr - lr).abs() < 1e-12 && (group.lr * group.weight_decay - wd).abs() < 1e-12, "{group:?}");
+    }
+    assert_eq!((g.filters.lr, g.filters.weight_decay), (0.24, 0.0), "Muon without weight decay");
+    assert!(muon.lookahead_decays(5, 200).is_empty() && muon.lookahead_decays(200, 200).is_empty(), "no lookahead");
+    let hiverge = Recipe::Hiverge.config();
+    assert_eq!((hiverge.steps_per_epoch(50_000), hiverge.total_steps(50_000), hiverge.whiten_bias_steps(50_000)), (32, 243, 7));
+    let g = hiverge.groups();
+    assert!((g.filters.weight_decay - 1.0418e-6 * 1536.0).abs() < 1e-15, "decoupled decay {}", g.filters.weight_decay);
+    assert!((g.head.lr - 0.5415).abs() < 1e-12 && (g.bn_bias.lr - 0.0573).abs() < 1e-12);
+    // Linear decay to 0 without warm-up.
+    for (cfg, total) in [(&muon, 200), (&hiverge, 243)] {
+        assert_eq!(cfg.lr_multiplier(0, total), 1.0);
+        assert!((cfg.lr_multiplier(100, total) - (1.0 - 100.0 / total as f64)).abs() < 1e-12);
+    }
+}
+
+#[test]
+fn hiverge_renormalises_on_its_cadence() {
+    // After step t (1-based) of 243 when t − last ≥ 2 + ⌊15·t/243⌋: every 2nd step at first,
+    // every 16th at the end; 37 times in all.
+    let mut last = 0;
+    let fired: Vec<usize> = (1..=243)
+        .filter(|&t| {
+            let due = Renorm::Hiverge.due(t, 243, last);
+            if due {
+                last = t;
+            }
+            due
+        })
+        .collect();
+    assert_eq!(fired[..9], [2, 4, 6, 8, 10, 12, 14, 16, 19]);
+    assert_eq!((fired.len(), fired[fired.len() - 2..].to_vec()), (37, vec![214, 230]));
+    assert!((1..=200).all(|t| Renorm::EveryStep.due(t, 200, t - 1)));
+}
+
+#[test]
+fn selective_tta_picks_the_least_confident_images() {
+    // Row i's confidence (largest softmax probability) falls with the gap between its logits.
+    let gaps = [5.0f32, 0.1, 3.0, 0.0, 0.1, 8.0];
+    let logits: Vec<f32> = gaps.iter().flat_map(|&g| (0..10).map(move |j| if j == 3 { g } else { 0.0 })).collect();
+    assert_eq!(least_confident(&logits, 3), vec![3, 1, 4], "least confident first, ties by index");
+    assert_eq!(least_confident(&logits, 0), Vec::<u32>::new());
+    assert_eq!(least_confident(&logits, 6).len(), 6);
+}
+
+#[test]
+fn colour_jitter_stays_in_its_ranges() {
+    let j = Recipe::Hiverge.config().jitter.unwrap();
+    let values = epoch_jitter(&mut Rng::new(5), 10_000, j);
+    let (brightness, contrast): (Vec<f32>, Vec<f32>) = values.chunks_exact(2).map(|p| (p[0], p[1])).unzip();
+    assert!(brightness.iter().all(|b| b.abs() <= j.brightness) && contrast.iter().all(|c| (c - 1.0).abs() <= j.contrast));
+    let mean = |v: &[f32], c: f32| v.iter().map(|x| (x - c) as f64).sum::<f64>() / v.len() as f64;
+    assert!(mean(&brightness, 0.0).abs() < 0.005 && mean(&contrast, 1.0).abs() < 0.005, "centred");
+    assert!(brightness.iter().any(|b| b.abs() > 0.9 * j.brightness), "uses the whole range");
+    assert_ne!(values, epoch_jitter(&mut Rng::new(6), 10_000, j), "drawn from the stream");
 }
 
 #[test]
@@ -142,6 +210,20 @@ fn callers_can_sync_and_stop_a_run() {
     let err = train_with(small_config(), &train, &test, &mut stop).unwrap_err().to_string();
     assert!(err.contains("stopped in epoch 2 at step 3"), "{err}");
     assert_eq!(epoch_rows, [(1, 64)], "one epoch row, with a prediction per test image");
+}
+
+/// The record recipes' loop (Muon, SiLU, jitter, selective TTA) on a small net: deterministic,
+/// and better than chance on separable synthetic data.
+#[test]
+fn muon_recipes_train_and_repeat() {
+    let (train, test) = (synthetic(256, 1), synthetic(128, 2));
+    for recipe in [Recipe::Airbench94Muon, Recipe::Hiverge] {
+        let cfg = Config { widths: [8, 16, 16], batch_size: 64, epochs: 3.0, whiten_images: 64, ..recipe.config() };
+        let (acc1, w1) = train_once(cfg.clone(), &train, &test).unwrap();
+        let (acc2, w2) = train_once(cfg, &train, &test).unwrap();
+        assert_eq!((acc1, &w1), (acc2, &w2), "{}: same seed, same weights", recipe.name());
+        assert!(acc1 > 0.3, "{}: TTA accuracy {acc1} on synthetic data", recipe.name());
+    }
 }
 
 #[test]

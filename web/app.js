@@ -1,7 +1,7 @@
 // The browser demo: loads CIFAR-10, runs speedrun's training loop (src/web.rs, compiled to
 // wasm) on WebGPU, and draws its progress. The page's state is in document.body.dataset.state
 // (starting, no-webgpu, idle, loading, ready, training, done, stopped, error) for tests.
-import init, { adapter_info, train } from './pkg/speedrun.js';
+import init, { adapter_info, recipes, train } from './pkg/speedrun.js';
 
 const CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck'];
 const RECORD = 3073; // a label byte, then 32×32 R, G and B planes
@@ -106,7 +106,7 @@ function concat(arrays) {
 
 async function start() {
   const options = {
-    epochs: +$('epochs').value, batch_size: +$('batch').value, lr: +$('lr').value, seed: +$('seed').value,
+    recipe: $('recipe').value, epochs: +$('epochs').value, batch_size: +$('batch').value, lr: +$('lr').value, seed: +$('seed').value,
     widths: $('widths').value.split(',').map(Number),
     train_limit: +$('train-limit').value, test_limit: +$('test-limit').value,
   };
@@ -241,6 +241,7 @@ async function main() {
     return;
   }
   await init();
+  showRecipes(JSON.parse(recipes()));
   try {
     const a = JSON.parse(await adapter_info());
     $('adapter').textContent = `${a.name || 'unnamed adapter'} (${a.device_type}, ${a.backend}); shader-f16 ${a.shader_f16 ? 'yes' : 'no'}, ` +
@@ -253,6 +254,21 @@ async function main() {
     return;
   }
   setState('idle');
+}
+
+// The recipe picker: choosing one fills in its epochs, batch size and learning rate.
+function showRecipes(list) {
+  const select = $('recipe');
+  for (const r of list) select.add(new Option(r.name, r.name));
+  const apply = () => {
+    const r = list.find(r => r.name === select.value);
+    $('epochs').value = r.epochs;
+    $('batch').value = r.batch_size;
+    $('lr').value = r.lr;
+    $('recipe-summary').textContent = r.summary;
+  };
+  select.addEventListener('change', apply);
+  apply();
 }
 
 main();

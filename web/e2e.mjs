@@ -38,6 +38,13 @@ try {
     fromArchive = await page.textContent('#data-status');
     if ((await state()) !== 'ready') throw new Error(`the archive did not load: ${await page.textContent('#status')}`);
   }
+  // The recipe picker lists every recipe and fills in its numbers.
+  const recipes = await page.$$eval('#recipe option', os => os.map(o => o.value));
+  if (recipes.join() !== 'airbench94,airbench94-muon,hiverge') throw new Error(`recipes: ${recipes}`);
+  await page.selectOption('#recipe', 'hiverge');
+  const knobs = [await page.inputValue('#epochs'), await page.inputValue('#batch'), await page.inputValue('#lr')];
+  if (knobs.join() !== '7.59,1536,0.205') throw new Error(`hiverge's knobs: ${knobs}`);
+  await page.selectOption('#recipe', 'airbench94');
   // A short run that SwiftShader (about 13 images/s here) trains in about 3 minutes: 2
   // epochs of 1,024 images on a small net, 4× the default learning rate to learn in 32 steps.
   await page.fill('#train-limit', '1024');

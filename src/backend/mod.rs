@@ -1,4 +1,4 @@
-//! The `Backend` trait: every op the airbench94 network and its training loop need.
+//! The `Backend` trait: every op the airbench94-family networks and their training loops need.
 //!
 //! Conventions shared by all backends (the CPU backend is the reference for each op):
 //! - Activations are f32, NHWC: `(n, h, w, c)` with `c` contiguous.
@@ -66,7 +66,16 @@ impl ConvShape {
     }
 }
 
-/// MaxPool(pool, floor) → BatchNorm(γ = 1) → GELU over an `(n, h, w, c)` conv output.
+/// The activation after BatchNorm in the conv blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Act {
+    /// `z·Φ(z)` with the exact erf (airbench94).
+    Gelu,
+    /// `z·σ(z)` (hiverge).
+    Silu,
+}
+
+/// MaxPool(pool, floor) → BatchNorm(γ = 1) → `act` over an `(n, h, w, c)` conv output.
 /// `pool == 1` means no pooling.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PoolBnShape {
@@ -75,6 +84,7 @@ pub struct PoolBnShape {
     pub w: usize,
     pub c: usize,
     pub pool: usize,
+    pub act: Act,
 }
 
 impl PoolBnShape {
@@ -160,11 +170,14 @@ pub trait Backend {
     // ---- data ----
     /// Gathers `n` images `index[i]` of `images` under the views `crops[i]` (packed `Crop`s),
     /// normalised with `MEAN`/`STD`, into `x (n, 32, 32, 3)`, and their labels into `labels (n)`.
+    /// With `jitter (n, 2)` = (brightness, contrast) per image, every value of image `i`
+    /// becomes `(x + brightness) · contrast` after normalisation.
     fn load_batch(
         &self,
         images: &Self::Images,
         index: View<Self::Index>,
         crops: View<Self::Index>,
+        jitter: Option<View<Self::Tensor>>,
         x: &mut Self::Tensor,
         labels: &mut Self::Index,
     );
@@ -188,11 +201,11 @@ pub trait Backend {
     fn bias_gelu_forward(&self, pixels: usize, c: usize, z: &mut Self::Tensor, bias: View<Self::Tensor>, a: &mut Self::Tensor);
     /// `dbias (c) = Σ_pixels da · gelu'(z)` (overwritten).
     fn bias_gelu_backward(&self, pixels: usize, c: usize, z: &Self::Tensor, da: &Self::Tensor, dbias: ViewMut<Self::Tensor>);
-    /// Pool → BatchNorm(γ = 1, β = `beta`) → GELU. Reads `y (n, h, w, c)`; writes the
-    /// normalised pre-activation `z (n, oh, ow, c)`, `a = gelu(z)`, and `saved (2c)` =
+    /// Pool → BatchNorm(γ = 1, β = `beta`) → `s.act`. Reads `y (n, h, w, c)`; writes the
+    /// normalised pre-activation `z (n, oh, ow, c)`, `a = act(z)`, and `saved (2c)` =
     /// (mean, 1/std) used. In train mode also updates `running (2c)` = (mean, var).
     #[allow(clippy::too_many_arguments)]
-    fn pool_bn_gelu_forward(
+    fn pool_bn_act_forward(
         &self,
         s: PoolBnShape,
         mode: BnMode,
@@ -203,10 +216,10 @@ pub trait Backend {
         a: &mut Self::Tensor,
         saved: &mut Self::Tensor,
     );
-    /// Backward of `pool_bn_gelu_forward` in train mode: from `da (n, oh, ow, c)` (clobbered)
+    /// Backward of `pool_bn_act_forward` in train mode: from `da (n, oh, ow, c)` (clobbered)
     /// writes `dy (n, h, w, c)` (the pooled-away positions get 0) and `dbeta (c)` (overwritten).
     #[allow(clippy::too_many_arguments)]
-    fn pool_bn_gelu_backward(
+    fn pool_bn_act_backward(
         &self,
         s: PoolBnShape,
         y: &Self::Tensor,
@@ -261,8 +274,8 @@ pub trait Backend {
         dlogits: Option<&mut Self::Tensor>,
         stats: &mut Self::Tensor,
     );
-    /// `y += alpha · x`.
-    fn axpy(&self, alpha: f32, x: View<Self::Tensor>, y: ViewMut<Self::Tensor>);
+    /// `y = alpha · x + beta · y`.
+    fn axpby(&self, alpha: f32, x: View<Self::Tensor>, beta: f32, y: ViewMut<Self::Tensor>);
 
     // ---- optimizer ----
     /// PyTorch SGD, Nesterov, dampening 0, L2 weight decay, in this order:
@@ -271,6 +284,24 @@ pub trait Backend {
     fn sgd_step(&self, p: ViewMut<Self::Tensor>, g: View<Self::Tensor>, m: ViewMut<Self::Tensor>, lr: f32, wd: f32, momentum: f32);
     /// Lookahead: `ema += (1 − decay)·(net − ema); net = ema`.
     fn lookahead(&self, decay: f32, ema: ViewMut<Self::Tensor>, net: ViewMut<Self::Tensor>);
+    /// Nesterov momentum without the step (Muon): `m = momentum·m + g; out = g + momentum·m`.
+    fn nesterov(&self, momentum: f32, g: View<Self::Tensor>, m: ViewMut<Self::Tensor>, out: ViewMut<Self::Tensor>);
+    /// `x ← x · target / (‖x‖ + eps)`, with the Euclidean (Frobenius) norm of the whole
+    /// window computed on the device.
+    fn scale_to_norm(&self, target: f32, eps: f32, x: ViewMut<Self::Tensor>);
+    /// Row-major `c (m, n) = alpha · a (m, k) · b (k, n) + beta · c`; with `b_transposed`,
+    /// `b` is stored `(n, k)` and used transposed. `beta == 0` ignores the old `c` (NaN too).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        mkn: (usize, usize, usize),
+        alpha: f32,
+        a: View<Self::Tensor>,
+        b: View<Self::Tensor>,
+        b_transposed: bool,
+        beta: f32,
+        c: ViewMut<Self::Tensor>,
+    );
 }
 
 /// A whole-buffer view.

@@ -42,10 +42,11 @@ fn im2col(s: &ConvShape, x: &[f32], b0: usize, count: usize, col: &mut [f32]) {
 
 /// `C (m, n) = alpha·A (m, k)·B (k, n) + beta·C` with arbitrary strides for A and B.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(super) fn sgemm(
     m: usize,
     k: usize,
     n: usize,
+    alpha: f32,
     a: &[f32],
     a_strides: (usize, usize),
     b: &[f32],
@@ -61,7 +62,7 @@ fn sgemm(
             m,
             k,
             n,
-            1.0,
+            alpha,
             a.as_ptr(),
             a_strides.0 as isize,
             a_strides.1 as isize,
@@ -87,7 +88,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             col.resize(count * per_image * kdim, 0.0);
             im2col(s, x, chunk * ipc, count, col);
             // y = col · wᵀ: wᵀ is w read with strides (1, kdim).
-            sgemm(count * per_image, kdim, s.c_out, col, (kdim, 1), w, (1, kdim), 0.0, y);
+            sgemm(count * per_image, kdim, s.c_out, 1.0, col, (kdim, 1), w, (1, kdim), 0.0, y);
         });
     });
 }
@@ -127,7 +128,7 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     im2col(s, x, b0, count, col);
                     let dy = &dy[b0 * per_image * s.c_out..(b0 + count) * per_image * s.c_out];
                     // acc += dyᵀ · col: dyᵀ is dy (rows, c_out) read with strides (1, c_out).
-                    sgemm(s.c_out, rows, kdim, dy, (1, s.c_out), col, (kdim, 1), 1.0, &mut acc);
+                    sgemm(s.c_out, rows, kdim, 1.0, dy, (1, s.c_out), col, (kdim, 1), 1.0, &mut acc);
                 }
             });
             acc

@@ -106,10 +106,21 @@ impl Backend for Cpu {
         ready(())
     }
 
-    fn load_batch(&self, images: &HostImages, index: View<Vec<u32>>, crops: View<Vec<u32>>, x: &mut Vec<f32>, labels: &mut Vec<u32>) {
+    fn load_batch(
+        &self,
+        images: &HostImages,
+        index: View<Vec<u32>>,
+        crops: View<Vec<u32>>,
+        jitter: Option<View<Vec<f32>>>,
+        x: &mut Vec<f32>,
+        labels: &mut Vec<u32>,
+    ) {
         let (index, crops) = (window(&index), window(&crops));
+        let jitter = jitter.as_ref().map(window);
         let image_len = SIDE * SIDE * CHANNELS;
-        x[..index.len() * image_len].par_chunks_mut(image_len).zip(index.par_iter().zip(crops)).for_each(|(out, (&i, &crop))| {
+        let images_out = x[..index.len() * image_len].par_chunks_mut(image_len).enumerate();
+        images_out.zip(index.par_iter().zip(crops)).for_each(|((k, out), (&i, &crop))| {
+            let (brightness, contrast) = jitter.map_or((0.0, 1.0), |j| (j[2 * k], j[2 * k + 1]));
             let src = &images.pixels[i as usize * image_len..(i as usize + 1) * image_len];
             let crop = Crop::unpack(crop);
             for (y, row) in out.chunks_exact_mut(SIDE * CHANNELS).enumerate() {
@@ -118,7 +129,8 @@ impl Backend for Cpu {
                     let sx = super::reflect(x as i32 + crop.dx, SIDE as i32);
                     let sx = if crop.flip { SIDE - 1 - sx } else { sx };
                     for c in 0..CHANNELS {
-                        px[c] = (src[(sy * SIDE + sx) * CHANNELS + c] as f32 / 255.0 - MEAN[c] as f32) / STD[c] as f32;
+                        let v = (src[(sy * SIDE + sx) * CHANNELS + c] as f32 / 255.0 - MEAN[c] as f32) / STD[c] as f32;
+                        px[c] = (v + brightness) * contrast;
                     }
                 }
             }
@@ -171,7 +183,7 @@ impl Backend for Cpu {
         norm::bias_gelu_backward(pixels, c, z, da, window_mut(&mut dbias));
     }
 
-    fn pool_bn_gelu_forward(
+    fn pool_bn_act_forward(
         &self,
         s: PoolBnShape,
         mode: BnMode,
@@ -182,10 +194,10 @@ impl Backend for Cpu {
         a: &mut Vec<f32>,
         saved: &mut Vec<f32>,
     ) {
-        norm::pool_bn_gelu_forward(&s, mode, y, window(&beta), window_mut(&mut running), z, a, saved);
+        norm::pool_bn_act_forward(&s, mode, y, window(&beta), window_mut(&mut running), z, a, saved);
     }
 
-    fn pool_bn_gelu_backward(
+    fn pool_bn_act_backward(
         &self,
         s: PoolBnShape,
         y: &Vec<f32>,
@@ -196,7 +208,7 @@ impl Backend for Cpu {
         dy: &mut Vec<f32>,
         mut dbeta: ViewMut<Vec<f32>>,
     ) {
-        norm::pool_bn_gelu_backward(&s, y, z, saved, window(&beta), da, dy, window_mut(&mut dbeta));
+        norm::pool_bn_act_backward(&s, y, z, saved, window(&beta), da, dy, window_mut(&mut dbeta));
     }
 
     fn max_pool_forward(&self, s: PoolBnShape, x: &Vec<f32>, y: &mut Vec<f32>) {
@@ -272,8 +284,8 @@ impl Backend for Cpu {
         stats[1] += correct as f32;
     }
 
-    fn axpy(&self, alpha: f32, x: View<Vec<f32>>, mut y: ViewMut<Vec<f32>>) {
-        window_mut(&mut y).iter_mut().zip(window(&x)).for_each(|(y, x)| *y += alpha * x);
+    fn axpby(&self, alpha: f32, x: View<Vec<f32>>, beta: f32, mut y: ViewMut<Vec<f32>>) {
+        window_mut(&mut y).iter_mut().zip(window(&x)).for_each(|(y, x)| *y = alpha * x + beta * *y);
     }
 
     fn sgd_step(&self, mut p: ViewMut<Vec<f32>>, g: View<Vec<f32>>, mut m: ViewMut<Vec<f32>>, lr: f32, wd: f32, momentum: f32) {
@@ -289,5 +301,36 @@ impl Backend for Cpu {
             *e += (1.0 - decay) * (*n - *e);
             *n = *e;
         }
+    }
+
+    fn nesterov(&self, momentum: f32, g: View<Vec<f32>>, mut m: ViewMut<Vec<f32>>, mut out: ViewMut<Vec<f32>>) {
+        for ((&g, m), o) in window(&g).iter().zip(window_mut(&mut m)).zip(window_mut(&mut out)) {
+            *m = momentum * *m + g;
+            *o = g + momentum * *m;
+        }
+    }
+
+    fn scale_to_norm(&self, target: f32, eps: f32, mut x: ViewMut<Vec<f32>>) {
+        let x = window_mut(&mut x);
+        let groups = fixed_groups(x.len());
+        let partials: Vec<f64> = groups.into_par_iter().map(|r| x[r].iter().map(|&v| v as f64 * v as f64).sum::<f64>()).collect();
+        let norm = partials.iter().sum::<f64>().sqrt();
+        let scale = (target as f64 / (norm + eps as f64)) as f32;
+        x.par_iter_mut().for_each(|v| *v *= scale);
+    }
+
+    fn matmul(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        alpha: f32,
+        a: View<Vec<f32>>,
+        b: View<Vec<f32>>,
+        b_transposed: bool,
+        beta: f32,
+        mut c: ViewMut<Vec<f32>>,
+    ) {
+        // b (k, n) has strides (n, 1); stored (n, k) and transposed, (1, k).
+        let b_strides = if b_transposed { (1, k) } else { (n, 1) };
+        conv::sgemm(m, k, n, alpha, window(&a), (k, 1), window(&b), b_strides, beta, window_mut(&mut c));
     }
 }

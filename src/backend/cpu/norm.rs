@@ -1,9 +1,9 @@
-//! GELU, max-pooling and BatchNorm on the CPU, forward and backward.
+//! GELU, SiLU, max-pooling and BatchNorm on the CPU, forward and backward.
 //! Reductions run over a fixed partition of the rows and are summed in f64 in a fixed
 //! order, so results do not depend on the thread count or scheduling.
 
 use super::fixed_groups;
-use crate::backend::{BnMode, PoolBnShape};
+use crate::backend::{Act, BnMode, PoolBnShape};
 use rayon::prelude::*;
 
 /// erf(x) for f32 to about 1e-7 absolute: a rational approximation (the one Eigen and XLA
@@ -55,6 +55,35 @@ pub fn gelu(z: f32) -> f32 {
 pub fn gelu_grad(z: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
     0.5 * (1.0 + erf(z * std::f32::consts::FRAC_1_SQRT_2)) + z * INV_SQRT_2PI * exp(-0.5 * z * z)
+}
+
+/// SiLU: `z·σ(z)`.
+#[inline(always)]
+pub fn silu(z: f32) -> f32 {
+    z / (1.0 + exp(-z))
+}
+
+/// d/dz SiLU(z) = σ(z)·(1 + z·(1 − σ(z))).
+#[inline(always)]
+pub fn silu_grad(z: f32) -> f32 {
+    let sigmoid = 1.0 / (1.0 + exp(-z));
+    sigmoid * (1.0 + z * (1.0 - sigmoid))
+}
+
+#[inline(always)]
+fn activate(act: Act, z: f32) -> f32 {
+    match act {
+        Act::Gelu => gelu(z),
+        Act::Silu => silu(z),
+    }
+}
+
+#[inline(always)]
+fn activate_grad(act: Act, z: f32) -> f32 {
+    match act {
+        Act::Gelu => gelu_grad(z),
+        Act::Silu => silu_grad(z),
+    }
 }
 
 /// Rows per parallel task for elementwise passes over `(rows, c)` tensors.
@@ -161,9 +190,9 @@ pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32])
     });
 }
 
-/// See `Backend::pool_bn_gelu_forward`.
+/// See `Backend::pool_bn_act_forward`.
 #[allow(clippy::too_many_arguments)]
-pub fn pool_bn_gelu_forward(
+pub fn pool_bn_act_forward(
     s: &PoolBnShape,
     mode: BnMode,
     y: &[f32],
@@ -214,15 +243,15 @@ pub fn pool_bn_gelu_forward(
         for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
             for ch in 0..c {
                 z[ch] = (z[ch] - mean[ch]) * istd[ch] + beta[ch];
-                a[ch] = gelu(z[ch]);
+                a[ch] = activate(s.act, z[ch]);
             }
         }
     });
 }
 
-/// See `Backend::pool_bn_gelu_backward`.
+/// See `Backend::pool_bn_act_backward`.
 #[allow(clippy::too_many_arguments)]
-pub fn pool_bn_gelu_backward(
+pub fn pool_bn_act_backward(
     s: &PoolBnShape,
     y: &[f32],
     z: &[f32],
@@ -236,10 +265,10 @@ pub fn pool_bn_gelu_backward(
     let rows = s.n * s.out_h() * s.out_w();
     let istd = &saved[c..2 * c];
     let chunk = rows_per_task(c) * c;
-    // da ← dz = da·gelu'(z)
+    // da ← dz = da·act'(z)
     da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).for_each(|(d, z)| {
         for (d, &z) in d.iter_mut().zip(z) {
-            *d *= gelu_grad(z);
+            *d *= activate_grad(s.act, z);
         }
     });
     // With γ = 1 and x̂ = z − β: Σdz is dβ, and Σdz·x̂ projects out the variance direction.

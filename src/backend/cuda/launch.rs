@@ -3,7 +3,7 @@
 
 use super::conv::{Algo, Pass};
 use super::{view, view_mut, Cuda, CudaImages};
-use crate::backend::{Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, MOMENTS};
+use crate::backend::{Act, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, MOMENTS};
 use cudarc::cudnn;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
@@ -74,6 +74,20 @@ impl Pool {
         let [n, h, w, c, pool, oh, ow] = [s.n, s.h, s.w, s.c, s.pool, s.out_h(), s.out_w()].map(|v| v as u32);
         Pool { n, h, w, c, pool, oh, ow }
     }
+}
+
+/// The activation as norm.cu's `act` argument (ACT_GELU, ACT_SILU in common.cuh).
+fn act(a: Act) -> u32 {
+    match a {
+        Act::Gelu => 0,
+        Act::Silu => 1,
+    }
+}
+
+/// Partial sums of `scale_to_norm`'s first pass (blocks of `sum_squares`), at most one per
+/// thread of `scale_by_norm`'s blocks, which each add them all.
+fn norm_parts(len: usize) -> usize {
+    len.div_ceil(8 * REDUCE_THREADS as usize).clamp(1, REDUCE_THREADS as usize)
 }
 
 fn u(v: usize) -> u32 {
@@ -166,12 +180,20 @@ impl Backend for Cuda {
         images: &CudaImages,
         index: View<CudaSlice<u32>>,
         crops: View<CudaSlice<u32>>,
+        jitter: Option<View<CudaSlice<f32>>>,
         x: &mut CudaSlice<f32>,
         labels: &mut CudaSlice<u32>,
     ) {
         let n = index.range.len();
-        let (index, crops, count) = (view(&index), view(&crops), u(n));
-        launch!(self, "load_batch", elementwise(n * 3072); &images.pixels, &images.labels, &index, &crops, x, labels, &count);
+        let (index, crops, count, cfg) = (view(&index), view(&crops), u(n), elementwise(n * 3072));
+        let (images, all_labels) = (&images.pixels, &images.labels);
+        match jitter {
+            Some(j) => {
+                assert!(j.range.len() >= 2 * n, "jitter holds (brightness, contrast) per image");
+                launch!(self, "load_batch", cfg; images, all_labels, &index, &crops, &view(&j), x, labels, &count);
+            }
+            None => launch!(self, "load_batch", cfg; images, all_labels, &index, &crops, &0u64, x, labels, &count), // null: no jitter
+        }
     }
 
     fn patch_moments(&self, images: &CudaImages, index: View<CudaSlice<u32>>, mut out: ViewMut<CudaSlice<f32>>) {
@@ -225,7 +247,7 @@ impl Backend for Cuda {
         self.put_scratch("channel partials", part);
     }
 
-    fn pool_bn_gelu_forward(
+    fn pool_bn_act_forward(
         &self,
         s: PoolBnShape,
         mode: BnMode,
@@ -256,13 +278,13 @@ impl Backend for Cuda {
             }
             BnMode::Eval { eps } => launch!(self, "eval_stats", elementwise(c); &running.as_view(), &mut *saved, &cu, &eps),
         }
-        launch!(self, "bn_gelu_apply", elementwise(rows * c); pooled, &*saved, &view(&beta), z, a, &rows_u, &cu);
+        launch!(self, "bn_act_apply", elementwise(rows * c); pooled, &*saved, &view(&beta), z, a, &rows_u, &cu, &act(s.act));
         if let Some(p) = pooled_copy {
             self.put_scratch("pooled", p);
         }
     }
 
-    fn pool_bn_gelu_backward(
+    fn pool_bn_act_backward(
         &self,
         s: PoolBnShape,
         y: &CudaSlice<f32>,
@@ -278,7 +300,7 @@ impl Backend for Cuda {
         let beta = view(&beta);
         let mut part = self.take_scratch("channel partials", chunks as usize * c * 2);
         let mut means = self.take_scratch("bn backward means", 2 * c);
-        launch!(self, "partials_bn_bwd", partials(rows, c); z, &beta, &mut *da, &mut part, &rows_u, &cu, &chunk);
+        launch!(self, "partials_bn_bwd", partials(rows, c); z, &beta, &mut *da, &mut part, &rows_u, &cu, &chunk, &act(s.act));
         launch!(self, "finalize_bn_bwd", reducing(c); &part, &mut view_mut(&mut dbeta), &mut means, &rows_u, &cu, &chunks);
         if s.pool == 1 {
             launch!(self, "bn_bwd_apply", elementwise(rows * c); &*da, z, &beta, saved, &means, dy, &rows_u, &cu);
@@ -354,10 +376,10 @@ impl Backend for Cuda {
         self.put_scratch("loss partials", part);
     }
 
-    fn axpy(&self, alpha: f32, x: View<CudaSlice<f32>>, mut y: ViewMut<CudaSlice<f32>>) {
+    fn axpby(&self, alpha: f32, x: View<CudaSlice<f32>>, beta: f32, mut y: ViewMut<CudaSlice<f32>>) {
         assert_eq!(x.range.len(), y.range.len());
         let len = u(y.range.len());
-        launch!(self, "axpy", elementwise(y.range.len()); &mut view_mut(&mut y), &view(&x), &len, &alpha);
+        launch!(self, "axpby", elementwise(y.range.len()); &mut view_mut(&mut y), &view(&x), &len, &alpha, &beta);
     }
 
     fn sgd_step(
@@ -376,5 +398,43 @@ impl Backend for Cuda {
     fn lookahead(&self, decay: f32, mut ema: ViewMut<CudaSlice<f32>>, mut net: ViewMut<CudaSlice<f32>>) {
         let len = u(ema.range.len());
         launch!(self, "lookahead", elementwise(ema.range.len()); &mut view_mut(&mut ema), &mut view_mut(&mut net), &len, &decay);
+    }
+
+    fn nesterov(&self, momentum: f32, g: View<CudaSlice<f32>>, mut m: ViewMut<CudaSlice<f32>>, mut out: ViewMut<CudaSlice<f32>>) {
+        assert!(g.range.len() == m.range.len() && g.range.len() == out.range.len());
+        let len = u(g.range.len());
+        let (g, mut m, mut out) = (view(&g), view_mut(&mut m), view_mut(&mut out));
+        launch!(self, "nesterov", elementwise(g.len()); &g, &mut m, &mut out, &len, &momentum);
+    }
+
+    fn scale_to_norm(&self, target: f32, eps: f32, mut x: ViewMut<CudaSlice<f32>>) {
+        let len = x.range.len();
+        if len == 0 {
+            return;
+        }
+        // Σ x² per block into part, then every block of the scaling pass adds part in the
+        // same order: a fixed-order norm on the device, no atomics and no host round trip.
+        let (parts, len_u) = (norm_parts(len), u(len));
+        // (parts) used of (REDUCE_THREADS): one size for every tensor, so a step that scales
+        // several allocates once, in the first step.
+        let mut part = self.take_scratch("norm partials", REDUCE_THREADS as usize);
+        let mut x = view_mut(&mut x);
+        launch!(self, "sum_squares", reducing(parts); &x.as_view(), &mut part, &len_u);
+        let blocks = len.div_ceil(REDUCE_THREADS as usize).min(1024);
+        launch!(self, "scale_by_norm", reducing(blocks); &mut x, &part, &len_u, &u(parts), &target, &eps);
+        self.put_scratch("norm partials", part);
+    }
+
+    fn matmul(
+        &self,
+        shape: (usize, usize, usize),
+        alpha: f32,
+        a: View<CudaSlice<f32>>,
+        b: View<CudaSlice<f32>>,
+        b_transposed: bool,
+        beta: f32,
+        mut c: ViewMut<CudaSlice<f32>>,
+    ) {
+        self.blas.matmul(shape, alpha, &view(&a), &view(&b), b_transposed, beta, &mut view_mut(&mut c));
     }
 }

@@ -1,12 +1,14 @@
 //! The CUDA backend: convolutions through cuDNN (NHWC, f32 data with TF32 tensor-core math by
-//! default), everything else in the kernels of `kernels/*.cu`, compiled with NVRTC for the
-//! device when the backend starts. Built with the `cuda` feature; every CUDA library is
-//! loaded at run time, so the crate builds without a CUDA toolkit.
+//! default), matrix products through cuBLAS (the same math setting), everything else in the
+//! kernels of `kernels/*.cu`, compiled with NVRTC for the device when the backend starts.
+//! Built with the `cuda` feature; every CUDA library is loaded at run time, so the crate
+//! builds without a CUDA toolkit.
 //!
 //! Libraries (found through `LD_LIBRARY_PATH` or ldconfig): the driver's `libcuda.so.1`,
-//! `libnvrtc.so.13` and `libcudnn.so.9`. PyTorch's pip wheels carry the last two, in
-//! `site-packages/nvidia/cu13/lib` and `site-packages/nvidia/cudnn/lib`.
+//! `libnvrtc.so.13`, `libcublas.so.13` and `libcudnn.so.9`. PyTorch's pip wheels carry the
+//! last three, in `site-packages/nvidia/cu13/lib` and `site-packages/nvidia/cudnn/lib`.
 
+mod blas;
 mod conv;
 mod graph;
 mod launch;
@@ -43,12 +45,16 @@ pub const FAMILIES: [(&str, &str, &[&str]); 4] = [
             "finalize_var",
             "eval_stats",
             "finalize_bn_bwd",
-            "bn_gelu_apply",
+            "bn_act_apply",
             "bn_bwd_apply",
         ],
     ),
     ("head", include_str!("../../../kernels/head.cu"), &["linear_product", "linear_bwd_filter", "cross_entropy", "cross_entropy_total"]),
-    ("optim", include_str!("../../../kernels/optim.cu"), &["sgd", "lookahead", "axpy", "fill"]),
+    (
+        "optim",
+        include_str!("../../../kernels/optim.cu"),
+        &["sgd", "lookahead", "nesterov", "sum_squares", "scale_by_norm", "axpby", "fill"],
+    ),
 ];
 
 /// Compiles one kernel family to PTX for `arch` (e.g. "sm_90").
@@ -72,6 +78,12 @@ pub fn check_libraries() -> Result<()> {
              to LD_LIBRARY_PATH (PyTorch's environment already has it)"
         );
     }
+    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+        bail!(
+            "cuBLAS (libcublas.so.13) not found: `pip install nvidia-cublas` and add its `site-packages/nvidia/cu13/lib` \
+             to LD_LIBRARY_PATH (PyTorch's environment already has it)"
+        );
+    }
     if !unsafe { cudnn::sys::is_culib_present() } {
         bail!(
             "cuDNN 9 (libcudnn.so.9) not found: `pip install nvidia-cudnn-cu13` and add its `site-packages/nvidia/cudnn/lib` \
@@ -87,7 +99,7 @@ pub fn loaded_libraries() -> Vec<String> {
     let mut libs: Vec<String> = maps
         .lines()
         .filter_map(|l| l.split_whitespace().nth(5))
-        .filter(|p| ["libcuda.", "libnvrtc", "libcudnn"].iter().any(|n| p.contains(n)))
+        .filter(|p| ["libcuda.", "libnvrtc", "libcublas", "libcudnn"].iter().any(|n| p.contains(n)))
         .map(String::from)
         .collect();
     libs.sort();
@@ -101,11 +113,12 @@ pub struct CudaImages {
     labels: CudaSlice<u8>,
 }
 
-/// The backend on GPU 0: one stream, one cuDNN handle, the compiled kernels, and the conv
-/// plans, scratch buffers and step graphs made as the ops first need them.
+/// The backend on GPU 0: one stream, one cuDNN and one cuBLAS handle, the compiled kernels,
+/// and the conv plans, scratch buffers and step graphs made as the ops first need them.
 pub struct Cuda {
     stream: Arc<CudaStream>,
     cudnn: Arc<Cudnn>,
+    blas: blas::Blas,
     functions: HashMap<&'static str, CudaFunction>,
     plans: RefCell<HashMap<(ConvShape, conv::Pass), Rc<conv::ConvPlan>>>,
     /// cuDNN workspace, grown to the largest plan's need (during the first steps).
@@ -147,10 +160,12 @@ impl Cuda {
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream()?;
         let cudnn = Cudnn::new(stream.clone()).context("cannot start cuDNN")?;
+        let blas = blas::Blas::new(stream.clone(), true)?;
         let workspace = stream.alloc_zeros::<u8>(1 << 20)?;
         Ok(Cuda {
             stream,
             cudnn,
+            blas,
             functions,
             plans: RefCell::new(HashMap::new()),
             workspace: RefCell::new(workspace),
@@ -164,12 +179,14 @@ impl Cuda {
         })
     }
 
-    /// TF32 tensor-core math in the convolutions (default, as PyTorch's cuDNN default), or
-    /// exact f32 FMA math (the op tests compare with the CPU at f32 precision).
+    /// TF32 tensor-core math in the convolutions and matrix products (default, as PyTorch's
+    /// cuDNN default), or exact f32 FMA math (the op tests compare with the CPU at f32
+    /// precision).
     pub fn set_tf32(&self, on: bool) {
         if self.tf32.replace(on) != on {
             self.plans.borrow_mut().clear();
         }
+        self.blas.set_tf32(on);
     }
 
     /// Library versions, for `speedrun info`.
@@ -181,9 +198,10 @@ impl Cuda {
             cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor);
         }
         format!(
-            "driver CUDA {}.{}, NVRTC {major}.{minor}, cuDNN {}; kernels compiled in {:.2} s",
+            "driver CUDA {}.{}, NVRTC {major}.{minor}, cuBLAS {}, cuDNN {}; kernels compiled in {:.2} s",
             driver / 1000,
             driver % 1000 / 10,
+            self.blas.version(),
             cudnn::result::get_version(),
             self.compile_seconds
         )

@@ -2,7 +2,7 @@
 //! `shaders/`. Parameters are u32 words (f32 as bits) in the order of the shader's `Params`.
 
 use super::{Buf, GpuImages, Wgpu};
-use crate::backend::{Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CLASSES, MOMENTS, SIDE};
+use crate::backend::{Act, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CLASSES, MOMENTS, SIDE};
 use std::future::Future;
 
 /// Workgroups for `n` invocations of `size`, as a 2-D grid (each dimension ≤ 65535).
@@ -21,6 +21,14 @@ const TILE: usize = 64;
 
 /// Rows per partial sum in the two-stage channel reductions.
 const CHUNK_ROWS: usize = 256;
+
+/// Most workgroups of the first pass of `scale_to_norm` (its second pass adds their sums in
+/// one workgroup of 256 invocations).
+const NORM_PARTS: usize = 256;
+
+/// Workgroups a split matmul aims for, and the shortest range of k a split may have.
+const MATMUL_GROUPS: usize = 256;
+const MATMUL_MIN_SPLIT_K: usize = 256;
 
 impl Wgpu {
     /// conv.wgsl's parameters for shape `s` (weights at `w_off`).
@@ -53,17 +61,26 @@ impl Wgpu {
         self.label_next(|| format!("conv {pass} {}→{} {}²", s.c_in, s.c_out, s.h), 2.0 * s.macs() as f64);
     }
 
-    /// norm.wgsl's parameters.
+    /// norm.wgsl's parameters (the activation word is GELU's; see `with_act`).
     #[allow(clippy::too_many_arguments)]
-    fn norm_params(rows: usize, c: usize, pool: Option<&PoolBnShape>, off0: usize, off1: usize, momentum: f32, eps: f32) -> [u32; 14] {
+    fn norm_params(rows: usize, c: usize, pool: Option<&PoolBnShape>, off0: usize, off1: usize, momentum: f32, eps: f32) -> [u32; 15] {
         let (n, h, w, p, oh, ow) = pool.map_or((0, 0, 0, 1, 0, 0), |s| (s.n, s.h, s.w, s.pool, s.out_h(), s.out_w()));
         let chunks = rows.div_ceil(CHUNK_ROWS);
         let words = [rows, c, n, h, w, p, oh, ow, off0, off1, CHUNK_ROWS, chunks].map(|v| v as u32);
-        let mut out = [0u32; 14];
+        let mut out = [0u32; 15];
         out[..12].copy_from_slice(&words);
         out[12] = f(momentum);
         out[13] = f(eps);
         out
+    }
+
+    /// `params` with the activation after BatchNorm set to `act`.
+    fn with_act(mut params: [u32; 15], act: Act) -> [u32; 15] {
+        params[14] = match act {
+            Act::Gelu => 0,
+            Act::Silu => 1,
+        };
+        params
     }
 
     /// Groups for a `partials_*` kernel over (rows, c), and the partial-sum scratch.
@@ -81,10 +98,14 @@ impl Wgpu {
         self.run(entry, &Self::norm_params(0, s.c, Some(s), 0, 0, 0.0, 0.0), bufs, grid(n, 256));
     }
 
-    fn optim(&self, entry: &'static str, len: usize, offs: [usize; 3], scalars: [f32; 4], bufs: &[&wgpu::Buffer]) {
-        let params =
-            [len as u32, offs[0] as u32, offs[1] as u32, offs[2] as u32, f(scalars[0]), f(scalars[1]), f(scalars[2]), f(scalars[3])];
-        self.run(entry, &params, bufs, grid(len, 256));
+    /// optim.wgsl's parameters: `scalars` = (lr, wd, momentum, a, b).
+    fn optim_params(len: usize, offs: [usize; 3], scalars: [f32; 5], parts: usize) -> [u32; 10] {
+        let [lr, wd, momentum, a, b] = scalars.map(f);
+        [len as u32, offs[0] as u32, offs[1] as u32, offs[2] as u32, lr, wd, momentum, a, b, parts as u32]
+    }
+
+    fn optim(&self, entry: &'static str, len: usize, offs: [usize; 3], scalars: [f32; 5], bufs: &[&wgpu::Buffer]) {
+        self.run(entry, &Self::optim_params(len, offs, scalars, 0), bufs, grid(len, 256));
     }
 
     fn head_params(n: usize, c_in: usize, c_out: usize, off: usize, write_grad: bool, scale: f32, smoothing: f32) -> [u32; 7] {
@@ -134,11 +155,11 @@ impl Backend for Wgpu {
 
     fn copy(&self, src: View<Buf>, dst: ViewMut<Buf>) {
         assert_eq!(src.range.len(), dst.range.len());
-        self.optim("copy", dst.range.len(), [dst.range.start, src.range.start, 0], [0.0; 4], &[&src.buf.buffer, &dst.buf.buffer]);
+        self.optim("copy", dst.range.len(), [dst.range.start, src.range.start, 0], [0.0; 5], &[&src.buf.buffer, &dst.buf.buffer]);
     }
 
     fn fill(&self, dst: ViewMut<Buf>, value: f32) {
-        self.optim("fill", dst.range.len(), [dst.range.start, 0, 0], [0.0, 0.0, 0.0, value], &[&dst.buf.buffer]);
+        self.optim("fill", dst.range.len(), [dst.range.start, 0, 0], [0.0, 0.0, 0.0, value, 0.0], &[&dst.buf.buffer]);
     }
 
     async fn read(&self, src: View<'_, Buf>) -> Vec<f32> {
@@ -149,15 +170,24 @@ impl Backend for Wgpu {
         self.sync_impl()
     }
 
-    fn load_batch(&self, images: &GpuImages, index: View<Buf>, crops: View<Buf>, x: &mut Buf, labels: &mut Buf) {
+    fn load_batch(&self, images: &GpuImages, index: View<Buf>, crops: View<Buf>, jitter: Option<View<Buf>>, x: &mut Buf, labels: &mut Buf) {
         let n = index.range.len();
-        let params = [n, index.range.start, crops.range.start, images.split].map(|v| v as u32);
+        let unused = jitter.is_none().then(|| self.scratch("no jitter", 2));
+        let (jitter_buf, jitter_off) = match &jitter {
+            Some(j) => {
+                assert!(j.range.len() >= 2 * n, "jitter holds (brightness, contrast) for each image");
+                (&j.buf.buffer, j.range.start)
+            }
+            None => (unused.as_ref().expect("made above"), 0),
+        };
+        let params = [n, index.range.start, crops.range.start, images.split, jitter_off, jitter.is_some() as usize].map(|v| v as u32);
         let bufs = [
             &images.parts[0].buffer,
             &images.parts[1].buffer,
             &images.labels.buffer,
             &index.buf.buffer,
             &crops.buf.buffer,
+            jitter_buf,
             &x.buffer,
             &labels.buffer,
         ];
@@ -221,7 +251,7 @@ impl Backend for Wgpu {
         self.run("finalize_sum", &params, &[&dbias.buf.buffer, &part], Self::per_channel(c));
     }
 
-    fn pool_bn_gelu_forward(
+    fn pool_bn_act_forward(
         &self,
         s: PoolBnShape,
         mode: BnMode,
@@ -248,11 +278,11 @@ impl Backend for Wgpu {
                 self.run("eval_stats", &params, &[&running.buf.buffer, &saved.buffer], Self::per_channel(c));
             }
         }
-        let params = Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0);
-        self.run("bn_gelu_apply", &params, &[&saved.buffer, &beta.buf.buffer, &z.buffer, &a.buffer], grid(rows * c, 256));
+        let params = Self::with_act(Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0), s.act);
+        self.run("bn_act_apply", &params, &[&saved.buffer, &beta.buf.buffer, &z.buffer, &a.buffer], grid(rows * c, 256));
     }
 
-    fn pool_bn_gelu_backward(
+    fn pool_bn_act_backward(
         &self,
         s: PoolBnShape,
         y: &Buf,
@@ -266,7 +296,7 @@ impl Backend for Wgpu {
         let (c, rows) = (s.c, s.n * s.out_h() * s.out_w());
         let (groups, part) = self.partials(rows, c);
         let means = self.scratch("bn backward means", 2 * c);
-        let params = Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0);
+        let params = Self::with_act(Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0), s.act);
         self.run("partials_bn_bwd", &params, &[&z.buffer, &beta.buf.buffer, &da.buffer, &part], groups);
         let finalize = Self::norm_params(rows, c, None, dbeta.range.start, 0, 0.0, 0.0);
         self.run("finalize_bn_bwd", &finalize, &[&dbeta.buf.buffer, &means, &part], Self::per_channel(c));
@@ -316,18 +346,66 @@ impl Backend for Wgpu {
         self.run("cross_entropy_total", &params, &[&stats.buffer, &part], [1, 1, 1]);
     }
 
-    fn axpy(&self, alpha: f32, x: View<Buf>, y: ViewMut<Buf>) {
+    fn axpby(&self, alpha: f32, x: View<Buf>, beta: f32, y: ViewMut<Buf>) {
         assert_eq!(x.range.len(), y.range.len());
-        self.optim("axpy", y.range.len(), [y.range.start, x.range.start, 0], [0.0, 0.0, 0.0, alpha], &[&x.buf.buffer, &y.buf.buffer]);
+        let offs = [y.range.start, x.range.start, 0];
+        self.optim("axpby", y.range.len(), offs, [0.0, 0.0, 0.0, alpha, beta], &[&x.buf.buffer, &y.buf.buffer]);
     }
 
     fn sgd_step(&self, p: ViewMut<Buf>, g: View<Buf>, m: ViewMut<Buf>, lr: f32, wd: f32, momentum: f32) {
         let offs = [p.range.start, g.range.start, m.range.start];
-        self.optim("sgd", p.range.len(), offs, [lr, wd, momentum, 0.0], &[&g.buf.buffer, &p.buf.buffer, &m.buf.buffer]);
+        self.optim("sgd", p.range.len(), offs, [lr, wd, momentum, 0.0, 0.0], &[&g.buf.buffer, &p.buf.buffer, &m.buf.buffer]);
     }
 
     fn lookahead(&self, decay: f32, ema: ViewMut<Buf>, net: ViewMut<Buf>) {
         let offs = [ema.range.start, net.range.start, 0];
-        self.optim("lookahead", ema.range.len(), offs, [0.0, 0.0, 0.0, decay], &[&ema.buf.buffer, &net.buf.buffer]);
+        self.optim("lookahead", ema.range.len(), offs, [0.0, 0.0, 0.0, decay, 0.0], &[&ema.buf.buffer, &net.buf.buffer]);
+    }
+
+    fn nesterov(&self, momentum: f32, g: View<Buf>, m: ViewMut<Buf>, out: ViewMut<Buf>) {
+        assert!(g.range.len() == m.range.len() && g.range.len() == out.range.len());
+        let offs = [m.range.start, g.range.start, out.range.start];
+        self.optim("nesterov", g.range.len(), offs, [0.0, 0.0, momentum, 0.0, 0.0], &[&g.buf.buffer, &m.buf.buffer, &out.buf.buffer]);
+    }
+
+    fn scale_to_norm(&self, target: f32, eps: f32, x: ViewMut<Buf>) {
+        let len = x.range.len();
+        let parts = len.div_ceil(256).clamp(1, NORM_PARTS);
+        let part = self.scratch("norm partials", NORM_PARTS);
+        let params = Self::optim_params(len, [x.range.start, 0, 0], [0.0, 0.0, 0.0, target, eps], parts);
+        self.run("sumsq_partials", &params, &[&x.buf.buffer, &part], [parts as u32, 1, 1]);
+        self.run("scale_by_norm", &params, &[&x.buf.buffer, &part], grid(len, 256));
+    }
+
+    fn matmul(
+        &self,
+        (m, k, n): (usize, usize, usize),
+        alpha: f32,
+        a: View<Buf>,
+        b: View<Buf>,
+        b_transposed: bool,
+        beta: f32,
+        c: ViewMut<Buf>,
+    ) {
+        assert!(a.range.len() >= m * k && b.range.len() >= k * n && c.range.len() >= m * n, "matmul: a view is too short");
+        if m * n == 0 {
+            return;
+        }
+        // Split k where the output has too few tiles to fill the device, into ranges of at
+        // least MATMUL_MIN_SPLIT_K (a multiple of the 16-deep slices).
+        let tiles = m.div_ceil(TILE) * n.div_ceil(TILE);
+        let wanted = MATMUL_GROUPS.div_ceil(tiles).min(k.div_ceil(MATMUL_MIN_SPLIT_K)).max(1);
+        let split_k = k.div_ceil(wanted).div_ceil(16).max(1) * 16;
+        let splits = k.div_ceil(split_k).max(1);
+        let partials = self.scratch("matmul partials", if splits > 1 { splits * m * n } else { 1 });
+        let words = [m, k, n, a.range.start, b.range.start, c.range.start, b_transposed as usize, split_k, splits].map(|v| v as u32);
+        let params = [&words[..], &[f(alpha), f(beta)]].concat();
+        let groups =
+            [n.div_ceil(TILE), m.div_ceil(TILE), splits].map(|v| u32::try_from(v).ok().filter(|&v| v <= 65535).expect("matmul too large"));
+        self.label_next(|| format!("matmul {m}×{k}×{n}{}", if b_transposed { "ᵀ" } else { "" }), 2.0 * (m * k * n) as f64);
+        self.run("matmul", &params, &[&a.buf.buffer, &b.buf.buffer, &c.buf.buffer, &partials], groups);
+        if splits > 1 {
+            self.run("matmul_reduce", &params, &[&c.buf.buffer, &partials], grid(m * n, 256));
+        }
     }
 }

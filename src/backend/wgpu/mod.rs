@@ -1,6 +1,7 @@
 //! The WGSL backend: every op is a compute shader from `shaders/*.wgsl` (one file per layer
-//! family, with `shaders/common.wgsl` prepended), run through wgpu on Vulkan, Metal, DX12 or
-//! the browser's WebGPU. f32 throughout, NHWC, as the CPU reference.
+//! family, with `shaders/common.wgsl` prepended, and `shaders/gemm.wgsl`, the tiles they
+//! share, before the GEMM families `conv` and `linalg`), run through wgpu on Vulkan, Metal,
+//! DX12 or the browser's WebGPU. f32 throughout, NHWC, as the CPU reference.
 //!
 //! How a step runs: every op records its dispatches into one open command encoder; nothing
 //! waits for the device until `read` or `sync`. Pipelines are built once at start-up, bind
@@ -33,7 +34,8 @@ pub struct GpuImages {
     split: usize,
 }
 
-/// One shader family: its source (after `common.wgsl`), which storage bindings it declares
+/// One shader family: its source (after `common.wgsl`; the GEMM families start with
+/// `gemm.wgsl`, the tiles they share), which storage bindings it declares
 /// read-only, and each entry point with the bindings it uses (binding 0 is always the
 /// parameter slot).
 struct Family {
@@ -54,8 +56,13 @@ const CONV_ENTRIES: &[(&str, &[u32])] = &[
     ("wgrad_direct", &[1, 4, 5]),
 ];
 
-const FAMILIES: [Family; 5] = [
-    Family { name: "conv.wgsl", source: include_str!("../../../shaders/conv.wgsl"), read_only: &[1, 2, 4], entries: CONV_ENTRIES },
+const FAMILIES: [Family; 6] = [
+    Family {
+        name: "conv.wgsl",
+        source: concat!(include_str!("../../../shaders/gemm.wgsl"), "\n", include_str!("../../../shaders/conv.wgsl")),
+        read_only: &[1, 2, 4],
+        entries: CONV_ENTRIES,
+    },
     Family {
         name: "norm.wgsl",
         source: include_str!("../../../shaders/norm.wgsl"),
@@ -73,7 +80,7 @@ const FAMILIES: [Family; 5] = [
             ("finalize_var", &[4, 5, 6]),
             ("eval_stats", &[1, 4]),
             ("finalize_bn_bwd", &[4, 5, 6]),
-            ("bn_gelu_apply", &[1, 2, 4, 5]),
+            ("bn_act_apply", &[1, 2, 4, 5]),
             ("bn_bwd_apply", &[1, 2, 3, 4, 5]),
         ],
     },
@@ -93,13 +100,28 @@ const FAMILIES: [Family; 5] = [
         name: "optim.wgsl",
         source: include_str!("../../../shaders/optim.wgsl"),
         read_only: &[1],
-        entries: &[("sgd", &[1, 2, 3]), ("lookahead", &[2, 3]), ("axpy", &[1, 2]), ("fill", &[2]), ("copy", &[1, 2])],
+        entries: &[
+            ("sgd", &[1, 2, 3]),
+            ("lookahead", &[2, 3]),
+            ("nesterov", &[1, 2, 3]),
+            ("axpby", &[1, 2]),
+            ("fill", &[2]),
+            ("copy", &[1, 2]),
+            ("sumsq_partials", &[2, 4]),
+            ("scale_by_norm", &[2, 4]),
+        ],
     },
     Family {
         name: "data.wgsl",
         source: include_str!("../../../shaders/data.wgsl"),
-        read_only: &[1, 2, 3, 4, 5],
-        entries: &[("load_batch", &[1, 2, 3, 4, 5, 6, 7]), ("patch_moments", &[1, 2, 4, 8])],
+        read_only: &[1, 2, 3, 4, 5, 9],
+        entries: &[("load_batch", &[1, 2, 3, 4, 5, 9, 6, 7]), ("patch_moments", &[1, 2, 4, 8])],
+    },
+    Family {
+        name: "linalg.wgsl",
+        source: concat!(include_str!("../../../shaders/gemm.wgsl"), "\n", include_str!("../../../shaders/linalg.wgsl")),
+        read_only: &[1, 2],
+        entries: &[("matmul", &[1, 2, 3, 4]), ("matmul_reduce", &[3, 4])],
     },
 ];
 
@@ -448,7 +470,8 @@ fn build_kernels(device: &wgpu::Device) -> HashMap<&'static str, Kernel> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, ConvShape, Crop};
+    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, ConvShape, Crop, View};
+    use crate::rng::Rng;
 
     /// A device on the default adapter; None (skipped, with a message) unless
     /// SPEEDRUN_REQUIRE_WGPU makes a missing adapter a failure.
@@ -476,10 +499,10 @@ mod tests {
         let (mut ti, mut tc, mut x, mut l) = (gpu.index_zeros(4), gpu.index_zeros(4), gpu.zeros(4 * 3072), gpu.index_zeros(4));
         gpu.upload_index(all_mut(&mut ti, 4), &index);
         gpu.upload_index(all_mut(&mut tc, 4), &crops);
-        gpu.load_batch(&images, all(&ti, 4), all(&tc, 4), &mut x, &mut l);
+        gpu.load_batch(&images, all(&ti, 4), all(&tc, 4), None, &mut x, &mut l);
         let cpu = Cpu::new();
         let (mut cx, mut cl) = (cpu.zeros(4 * 3072), cpu.index_zeros(4));
-        cpu.load_batch(&cpu.upload_images(&pixels, &labels), all(&index.to_vec(), 4), all(&crops, 4), &mut cx, &mut cl);
+        cpu.load_batch(&cpu.upload_images(&pixels, &labels), all(&index.to_vec(), 4), all(&crops, 4), None, &mut cx, &mut cl);
         assert_eq!(block_on(gpu.read(all(&x, 4 * 3072))), cx);
         let label_words: Vec<u32> = bytemuck::cast_slice(&block_on(gpu.read_words(&l.buffer, 0..4))).to_vec();
         assert_eq!(label_words, cl);
@@ -516,5 +539,48 @@ mod tests {
         gpu.fill(all_mut(&mut one, 1), 2.0);
         assert!(block_on(gpu.finish_profile()).is_empty(), "profiling stopped");
         assert_eq!(block_on(gpu.read(all(&one, 1))), [2.0]);
+    }
+
+    /// Muon's largest product, X·Xᵀ of a (256, 2304) filter, and X·Y: few output tiles and a
+    /// long k, so the sum over k is split (tests/ops.rs covers the small shapes).
+    #[test]
+    fn split_matmul_matches_the_cpu() {
+        let Some(gpu) = device() else { return };
+        let cpu = Cpu::new();
+        let (m, k) = (256, 2304);
+        let mut r = Rng::new(9);
+        let x: Vec<f32> = (0..m * k + 3).map(|_| r.symmetric(1.0)).collect();
+        let (cpu_x, mut gpu_x) = (x.clone(), gpu.zeros(x.len()));
+        gpu.upload(all_mut(&mut gpu_x, x.len()), &x);
+        for b_transposed in [true, false] {
+            let n = if b_transposed { m } else { k / 9 };
+            let (a, b) = (3..3 + m * k, 3 + m * k - k * n..3 + m * k); // b: the last k·n values
+            let mut want = vec![f32::NAN; m * n];
+            cpu.matmul(
+                (m, k, n),
+                0.5,
+                View { buf: &cpu_x, range: a.clone() },
+                View { buf: &cpu_x, range: b.clone() },
+                b_transposed,
+                0.0,
+                all_mut(&mut want, m * n),
+            );
+            let mut c = gpu.zeros(m * n);
+            gpu.fill(all_mut(&mut c, m * n), f32::NAN);
+            gpu.matmul(
+                (m, k, n),
+                0.5,
+                View { buf: &gpu_x, range: a },
+                View { buf: &gpu_x, range: b },
+                b_transposed,
+                0.0,
+                all_mut(&mut c, m * n),
+            );
+            let got = block_on(gpu.read(all(&c, m * n)));
+            let scale = want.iter().fold(0.0f32, |s, v| s.max(v.abs()));
+            let err = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0.0, f32::max) / scale;
+            eprintln!("matmul {m}×{k}×{n} transposed {b_transposed}: largest error {err:.1e} of the largest value");
+            assert!(err < 1e-5, "largest error {err:.1e}");
+        }
     }
 }
