@@ -184,6 +184,17 @@ fn recipes_train_from_the_command_line() {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let meta = meta.metadata().clone().unwrap();
     assert_eq!((meta["recipe"].as_str(), meta["activation"].as_str(), meta["logit_scale"].as_str()), ("hiverge", "silu", "0.00390625"));
+    // The same flags on the WGSL backend (lavapipe in CI).
+    #[cfg(feature = "wgpu")]
+    if common::wgpu_device().is_some() {
+        let o = speedrun(
+            &[&["train", "--backend", "wgpu", "--recipe", "hiverge", "--data-dir", dir, "--batch-size", "32"][..], &TINY].concat(),
+            &[],
+        );
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+        assert!(out.contains("recipe hiverge on backend wgpu") && out.contains("TTA accuracy"), "{out}");
+    }
     // Without TTA, eval sees exactly the run's last plain accuracy: the same network.
     let o = speedrun(&["eval", "--checkpoint", ckpt.to_str().unwrap(), "--data-dir", dir, "--tta", "0", "--test-limit", "32"], &[]);
     let (out, err) = text(&o);
