@@ -131,10 +131,11 @@ pub fn load(path: &Path) -> Result<Loaded> {
         Some(v) => v.parse::<f32>().ok().filter(|s| s.is_finite() && *s > 0.0).with_context(bad)?,
     };
     let arch = Arch { widths, act, logit_scale };
-    let layout = Layout::new(widths);
-    if (layout.params_len() + layout.running_len) * 4 > bytes.len() {
+    // In f64 before the layout is built: absurd widths would overflow its sizes.
+    if (crate::memory::param_count(widths) + crate::memory::running_count(widths)) * 4.0 > bytes.len() as f64 {
         bail!("{}: widths {widths:?} need more data than the file holds; {}", path.display(), bad());
     }
+    let layout = Layout::new(widths);
     let st = SafeTensors::deserialize(&bytes).with_context(bad)?;
     let read = |slots: &[Slot], len: usize| -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
@@ -157,7 +158,41 @@ pub fn load(path: &Path) -> Result<Loaded> {
     };
     let params = read(&layout.params, layout.params_len())?;
     let running = read(&layout.running, layout.running_len)?;
+    // BatchNorm γ: fixed at 1 in this network; a file with another γ is another network.
+    let gammas: Vec<Slot> = layout
+        .layers
+        .iter()
+        .map(|l| Slot { name: format!("block{}.norm{}.weight", l.block, l.conv), shape: vec![l.c_out], range: 0..l.c_out })
+        .collect();
+    for (slot, gamma) in gammas.iter().map(|s| (s, read(std::slice::from_ref(s), s.range.end))) {
+        if let Some((i, v)) = gamma?.iter().enumerate().find(|(_, &v)| v != 1.0) {
+            bail!(
+                "{}: {}[{i}] (BatchNorm γ) is {v}, but this format fixes every γ at 1 (the recipes do not train it), so the network cannot be loaded as saved; set γ back to 1",
+                path.display(),
+                slot.name
+            );
+        }
+    }
+    check_values(&layout, &params, &running)
+        .map_err(|e| anyhow::anyhow!("{}: {e}; the checkpoint is damaged (or its run diverged)", path.display()))?;
     Ok(Loaded { arch, layout, params, running })
+}
+
+/// Every weight finite and every BatchNorm variance finite and non-negative: anything else
+/// would evaluate to NaN logits (10% accuracy) without an error.
+pub fn check_values(layout: &Layout, params: &[f32], running: &[f32]) -> std::result::Result<(), String> {
+    for (slot, values) in layout.params.iter().map(|s| (s, params)).chain(layout.running.iter().map(|s| (s, running))) {
+        let is_var = slot.name.ends_with("running_var");
+        let bad = values[slot.range.clone()].iter().enumerate().find(|(_, v)| !v.is_finite() || (is_var && **v < 0.0));
+        if let Some((i, v)) = bad {
+            return Err(format!(
+                "tensor {} holds {v} at index {i}{}",
+                slot.name,
+                if is_var { " (a variance must be finite and ≥ 0)" } else { "" }
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -11,20 +11,62 @@ use speedrun::data::{self, Split, CLASS_NAMES};
 use speedrun::model::Net;
 use speedrun::run::{argmax, run as train_run, EpochLog, Event, Flow, RunResult};
 use speedrun::train::{Config, DeviceSplit, Evaluator, Recipe, Trainer};
-use speedrun::{checkpoint, download, stats};
-use std::io::{IsTerminal, Write};
+use speedrun::{checkpoint, download, memory, stats};
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// `println!` that never panics: see `out_line`.
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::out_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use out;
+
+/// The first failed write to stdout (a closed pipe, as in `speedrun train | head -1`, or a full
+/// disk); once set, stdout output is dropped. `main` reports it after the command has done its
+/// work, so a training run whose reader went away still finishes and saves what it was asked to.
+static STDOUT_FAILED: Mutex<Option<std::io::Error>> = Mutex::new(None);
+
+/// Writes one line to stdout, or, when stdout has failed, nothing.
+pub(crate) fn out_line(args: std::fmt::Arguments) {
+    let mut failed = STDOUT_FAILED.lock().unwrap_or_else(|e| e.into_inner());
+    if failed.is_none() {
+        let mut stdout = std::io::stdout().lock();
+        if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.write_all(b"\n")).and_then(|()| stdout.flush()) {
+            *failed = Some(e);
+        }
+    }
+}
+
+/// The stdout failure, if any, as a message; None also for a closed pipe (`speedrun info |
+/// head -1`), which is the reader's choice, not a failure.
+fn stdout_failure() -> Option<String> {
+    let failed = STDOUT_FAILED.lock().unwrap_or_else(|e| e.into_inner());
+    failed.as_ref().filter(|e| e.kind() != std::io::ErrorKind::BrokenPipe).map(|e| format!("cannot write to standard output ({e})"))
+}
 
 #[derive(Parser)]
 #[command(
     name = "speedrun",
     version,
-    about = "CIFAR-10 to 94% in seconds: the airbench94 family of recipes in Rust, on CPU, WebGPU and CUDA"
+    about = "CIFAR-10 to 94% in seconds: the airbench94 family of recipes in Rust, on CPU, WebGPU and CUDA",
+    after_help = ENVIRONMENT
 )]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
+
+/// The environment variables, for `--help`.
+const ENVIRONMENT: &str = "Environment:
+  SPEEDRUN_DATA               the data folder when --data-dir is not given (default: the per-user cache, ~/.cache/speedrun/cifar10 on Linux)
+  SPEEDRUN_CIFAR_URL          a mirror of cifar-10-binary.tar.gz to download from (the MD5 is checked all the same)
+  SPEEDRUN_PROGRESS_SECONDS   seconds between plain progress lines when stderr is not a terminal (default 30; 0: none)
+  LD_LIBRARY_PATH             where the CUDA backend finds NVRTC, cuBLAS and cuDNN (see the README's \"CUDA\")
+  SPEEDRUN_CUDA_LOG=1         print the cuDNN algorithm chosen for each convolution
+  SPEEDRUN_CUDA_GRAPHS=0      run CUDA training steps without CUDA graphs";
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
 enum BackendKind {
@@ -36,26 +78,35 @@ enum BackendKind {
 #[derive(Subcommand)]
 enum Command {
     /// Train a recipe's network (downloads CIFAR-10 first if it is missing).
+    #[command(after_help = ENVIRONMENT)]
     Train(TrainArgs),
     /// Time `--runs` training runs by the recipe's protocol: one untimed warm-up run first
     /// (kernel loading, cuDNN plans, caches), then each run on the clock; mean ± std at the end.
+    #[command(after_help = ENVIRONMENT)]
     Bench(TrainArgs),
-    /// Download CIFAR-10 (binary version) into the data folder.
+    /// Download CIFAR-10 (binary version) into the data folder, or check and repair the copy there.
+    #[command(after_help = ENVIRONMENT)]
     Download {
+        /// Folder for CIFAR-10 (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Test accuracy of a checkpoint.
+    /// Test accuracy of a checkpoint (without TTA, or with TTA level 1 or 2).
+    #[command(after_help = ENVIRONMENT)]
     Eval {
+        /// A safetensors checkpoint, as `train --save` or the browser page writes it.
         #[arg(long)]
         checkpoint: PathBuf,
         /// Test-time augmentation: 0 none, 1 mirror, 2 mirror and translate.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(0..=2))]
         tta: u8,
+        /// Folder with CIFAR-10 (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Evaluate on the first N test images only.
         #[arg(long)]
         test_limit: Option<usize>,
+        /// Backend to run on; default: the fastest available (`speedrun info` says which).
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
     },
@@ -67,20 +118,28 @@ enum Command {
     Profile(ProfileArgs),
     /// Serve the browser demo (built by web/build.sh) and CIFAR-10 on 127.0.0.1.
     Web {
+        /// Port on 127.0.0.1 (from another machine: `ssh -L 8080:127.0.0.1:8080 HOST`).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Folder with CIFAR-10, served to the page (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// The page's folder (default: web/ of these sources).
         #[arg(long)]
         site: Option<PathBuf>,
     },
+    /// Statistics over the JSON Lines of any number of runs and files (`train`/`bench --json`),
+    /// grouped by configuration; `--compare` adds Welch's t-test between two groups.
+    Stats(crate::stats_cmd::StatsArgs),
     /// Classify image files (any size; resized to 32×32) with a checkpoint.
     Predict {
+        /// A safetensors checkpoint, as `train --save` or the browser page writes it.
         #[arg(long)]
         checkpoint: PathBuf,
+        /// Image files (PNG, JPEG or BMP, told by their content; any size, resized to 32×32).
         #[arg(required = true)]
         images: Vec<PathBuf>,
+        /// Backend to run on; default: the fastest available (`speedrun info` says which).
         #[arg(long, value_enum)]
         backend: Option<BackendKind>,
     },
@@ -129,6 +188,7 @@ struct TrainArgs {
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     recipe: RecipeArgs,
+    /// Seed of the first run (run i uses seed + i - 1): initial weights, shuffling, augmentation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Independent runs (seeds seed, seed+1, ...), summarised at the end.
@@ -153,10 +213,12 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct ProfileArgs {
+    /// Folder with CIFAR-10 (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
     #[arg(long)]
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     recipe: RecipeArgs,
+    /// Train on the first N training images only.
     #[arg(long)]
     train_limit: Option<usize>,
     /// Profile steps of this epoch (1-based): epochs 1-3 also train the whitening bias.
@@ -222,6 +284,12 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
             Ok(c) => return Ok(Chosen::Cuda(Box::new(c))),
             Err(e) => eprintln!("note: not using CUDA ({e:#}); trying the other backends"),
         },
+        // A driver (so an NVIDIA GPU) but a library missing: say why CUDA is passed over.
+        None => {
+            if let Some(note) = cuda::Libraries::probe().fallback_note() {
+                eprintln!("note: {note}");
+            }
+        }
         _ => {}
     }
     match kind {
@@ -247,23 +315,23 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
 #[cfg(feature = "cuda")]
 fn start_cuda() -> Result<Cuda> {
     let c = Cuda::new()?;
-    println!("cuda: {}; {}", c.device_name(), c.versions());
+    out!("cuda: {}; {}", c.device_name(), c.versions());
     Ok(c)
 }
 
 fn info() {
     let cpu = Cpu::new();
-    println!("cpu: {}", cpu.device_name());
+    out!("cpu: {}", cpu.device_name());
     #[cfg(feature = "wgpu")]
     {
         let adapters = block_on(webgpu::all_adapters());
         if adapters.is_empty() {
-            println!("wgpu: no adapter (install a Vulkan, Metal or DX12 driver; on Linux without a GPU: mesa-vulkan-drivers)");
+            out!("wgpu: no adapter (install a Vulkan, Metal or DX12 driver; on Linux without a GPU: mesa-vulkan-drivers)");
         }
         for a in adapters {
             let (i, f, l) = (a.get_info(), a.features(), a.limits());
-            println!("wgpu: {} ({:?}, {:?}, driver {} {})", i.name, i.backend, i.device_type, i.driver, i.driver_info);
-            println!(
+            out!("wgpu: {} ({:?}, {:?}, driver {} {})", i.name, i.backend, i.device_type, i.driver, i.driver_info);
+            out!(
                 "      shader-f16 {}, subgroups {} (size {}..{}), timestamps {}",
                 f.contains(::wgpu::Features::SHADER_F16),
                 f.contains(::wgpu::Features::SUBGROUP),
@@ -271,7 +339,7 @@ fn info() {
                 i.subgroup_max_size,
                 f.contains(::wgpu::Features::TIMESTAMP_QUERY)
             );
-            println!(
+            out!(
                 "      max storage binding {} MiB, max buffer {} MiB, workgroup memory {} KiB, {} invocations/workgroup, {} storage buffers/stage",
                 l.max_storage_buffer_binding_size >> 20,
                 l.max_buffer_size >> 20,
@@ -282,20 +350,54 @@ fn info() {
         }
     }
     #[cfg(not(feature = "wgpu"))]
-    println!("wgpu: not built (build with the `wgpu` feature)");
+    out!("wgpu: not built (build with the `wgpu` feature)");
+    // What `pick_backend` would choose without --backend.
+    #[allow(unused_mut)]
+    let mut default = "cpu (no GPU adapter; a CPU-emulated one such as lavapipe is slower than the CPU backend)";
+    #[cfg(feature = "wgpu")]
+    if block_on(webgpu::default_adapter()).is_ok_and(|a| a.get_info().device_type != ::wgpu::DeviceType::Cpu) {
+        default = "wgpu";
+    }
     #[cfg(feature = "cuda")]
     match start_cuda() {
-        Ok(_) => cuda::loaded_libraries().iter().for_each(|lib| println!("      loaded {lib}")),
-        Err(e) => println!("cuda: unavailable: {e:#}"),
+        Ok(_) => {
+            cuda::loaded_libraries().iter().for_each(|lib| out!("      loaded {lib}"));
+            default = "cuda";
+        }
+        Err(e) => out!("cuda: unavailable: {e:#}"),
     }
     #[cfg(not(feature = "cuda"))]
-    println!("cuda: not built (build with `--features cuda`)");
+    out!("cuda: not built (build with `--features cuda`)");
+    out!("default backend (train, bench, eval, predict without --backend): {default}");
 }
 
 pub fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    quiet_headless_vulkan();
+    let result = run(Cli::parse()).and_then(|()| match stdout_failure() {
+        Some(failure) => bail!("{failure}; the output after that was dropped"),
+        None => Ok(()),
+    });
+    if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);
+    }
+}
+
+/// On a machine without a Wayland session, Mesa's Vulkan device-selection layer (loaded with
+/// every Mesa driver, lavapipe included) probes for a Wayland display whenever wgpu lists the
+/// Vulkan adapters, and libwayland prints "error: XDG_RUNTIME_DIR is invalid or not set in the
+/// environment." for each probe. Without XDG_RUNTIME_DIR (and an absolute WAYLAND_DISPLAY) no
+/// Wayland display can be reached anyway, so pointing it at a folder that does not exist makes
+/// the probe fail quietly; nothing else changes. Called first thing in `main`, while this is
+/// the only thread.
+fn quiet_headless_vulkan() {
+    #[cfg(all(feature = "wgpu", unix, not(target_vendor = "apple")))]
+    {
+        let runtime_dir_ok = std::env::var_os("XDG_RUNTIME_DIR").is_some_and(|d| Path::new(&d).is_absolute());
+        let absolute_display = std::env::var_os("WAYLAND_DISPLAY").is_some_and(|d| Path::new(&d).is_absolute());
+        if !runtime_dir_ok && !absolute_display {
+            std::env::set_var("XDG_RUNTIME_DIR", "/nonexistent/speedrun-no-runtime-dir");
+        }
     }
 }
 
@@ -310,12 +412,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Recipes => {
             for r in Recipe::ALL {
                 let (cfg, default) = (r.config(), if r == Recipe::Airbench94 { " (default)" } else { "" });
-                println!("{:<16} {}{default}", r.name(), r.summary());
-                println!("{:<16} {} steps of {} images per run on the 50,000 training images", "", cfg.total_steps(50_000), cfg.batch_size);
+                out!("{:<16} {}{default}", r.name(), r.summary());
+                out!("{:<16} {} steps of {} images per run on the 50,000 training images", "", cfg.total_steps(50_000), cfg.batch_size);
             }
             Ok(())
         }
         Command::Profile(args) => profile_command(&args),
+        Command::Stats(args) => crate::stats_cmd::stats_command(&args),
         Command::Web { port, data_dir, site } => {
             let data = data::batches_dir(&data::resolve_dir(data_dir.as_deref()));
             let site = site.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("web"));
@@ -323,10 +426,21 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Download { data_dir } => {
             let dir = data::resolve_dir(data_dir.as_deref());
-            if download::ensure(&dir, &download::official(), true)? {
-                println!("CIFAR-10 is ready in {}", dir.display());
-            } else {
-                println!("CIFAR-10 is already present and complete in {}; nothing to do", dir.display());
+            match download::check_and_repair(&dir, &download::official(), true)? {
+                download::Outcome::Present => {
+                    out!("CIFAR-10 is already present in {} and its contents check out; nothing to do", dir.display())
+                }
+                download::Outcome::Downloaded => out!("CIFAR-10 is ready in {}", dir.display()),
+                download::Outcome::Repaired { problem, stale } => {
+                    out!("CIFAR-10 in {} was damaged ({problem}); a fresh copy replaced it", dir.display());
+                    if let Some(stale) = stale {
+                        out!(
+                            "the damaged files in {} are no longer read (the fresh copy in its {} is): delete them",
+                            stale.display(),
+                            data::ARCHIVE_FOLDER
+                        );
+                    }
+                }
             }
             Ok(())
         }
@@ -337,20 +451,27 @@ fn run(cli: Cli) -> Result<()> {
             }
             let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &test, tta as usize))?;
             let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| argmax(l) == y as usize).count();
-            println!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
+            out!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
             Ok(())
         }
         Command::Predict { checkpoint, images, backend } => {
-            let split = read_images(&images)?;
+            let (read, unreadable) = read_images(&images);
+            if read.is_empty() {
+                bail!("{}", unreadable.join("; "));
+            }
+            let split = Split { pixels: read.iter().flat_map(|(_, pixels)| pixels.iter().copied()).collect(), labels: vec![0; read.len()] };
             let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &split, 2))?;
-            for (path, l) in images.iter().zip(logits.chunks_exact(10)) {
+            for ((path, _), l) in read.iter().zip(logits.chunks_exact(10)) {
                 let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
                 let sum: f32 = e.iter().sum();
                 let mut ranked: Vec<usize> = (0..10).collect();
                 ranked.sort_by(|&i, &j| e[j].total_cmp(&e[i]));
                 let top: Vec<String> = ranked[..3].iter().map(|&i| format!("{} {:.1}%", CLASS_NAMES[i], 100.0 * e[i] / sum)).collect();
-                println!("{}: {}", path.display(), top.join(", "));
+                out!("{}: {}", path.display(), top.join(", "));
+            }
+            if !unreadable.is_empty() {
+                bail!("{} of {} images could not be read: {}", unreadable.len(), images.len(), unreadable.join("; "));
             }
             Ok(())
         }
@@ -359,6 +480,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Logits of every image of `split` under TTA `level`, from a checkpoint.
 fn predict_logits<B: Backend>(b: &B, path: &Path, split: &Split, level: usize) -> Result<Vec<f32>> {
+    eprintln!("backend {} ({})", b.name(), b.device_name());
     let ckpt = checkpoint::load(path)?;
     let mut net = Net::new(b, ckpt.arch, split.len().min(1024))?;
     net.set_state(b, &ckpt.params, &ckpt.running);
@@ -367,22 +489,29 @@ fn predict_logits<B: Backend>(b: &B, path: &Path, split: &Split, level: usize) -
     Ok(block_on(eval.logits(b, &mut net, &data, Config::default().bn_eps)))
 }
 
-fn read_images(paths: &[PathBuf]) -> Result<Split> {
-    let mut split = Split { pixels: Vec::new(), labels: Vec::new() };
+/// Each image as 32×32 RGB pixels, in the order given, and a message for each that cannot be
+/// read. The format comes from the file's content, not its name.
+fn read_images(paths: &[PathBuf]) -> (Vec<(&Path, Vec<u8>)>, Vec<String>) {
+    let (mut read, mut unreadable) = (Vec::new(), Vec::new());
     for p in paths {
-        let img = image::open(p).with_context(|| format!("cannot read image {}", p.display()))?.to_rgb8();
-        let small = image::imageops::resize(&img, 32, 32, image::imageops::FilterType::Triangle);
-        split.pixels.extend_from_slice(small.as_raw());
-        split.labels.push(0);
+        let decoded = image::ImageReader::open(p).and_then(|r| r.with_guessed_format()).map_err(image::ImageError::IoError);
+        match decoded.and_then(|r| r.decode()) {
+            Ok(img) => {
+                let small = image::imageops::resize(&img.to_rgb8(), 32, 32, image::imageops::FilterType::Triangle);
+                read.push((p.as_path(), small.into_raw()));
+            }
+            Err(e) => unreadable.push(format!("cannot read image {}: {e}", p.display())),
+        }
     }
-    Ok(split)
+    (read, unreadable)
 }
 
-const HEADER: &str = " run  epoch  train_loss  train_acc  val_acc  tta_acc   time_s";
+/// The epoch table; `accuracy` and `tta_accuracy` are the test accuracy without and with TTA, as in `--json`.
+const HEADER: &str = " run  epoch  train_loss  train_acc  accuracy  tta_accuracy   time_s";
 
 fn format_row(run: u32, e: &EpochLog) -> String {
     let tta = e.tta_acc.map_or(String::new(), |t| format!("{:.4}", t));
-    format!("{run:>4}  {:>5}  {:>10.4}  {:>9.4}  {:>7.4}  {tta:>7}  {:>7.2}", e.epoch, e.train_loss, e.train_acc, e.val_acc, e.seconds)
+    format!("{run:>4}  {:>5}  {:>10.4}  {:>9.4}  {:>8.4}  {tta:>12}  {:>7.2}", e.epoch, e.train_loss, e.train_acc, e.val_acc, e.seconds)
 }
 
 fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<()> {
@@ -390,6 +519,10 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     if let Some(path) = &args.save {
         check_writable(path)?; // before a run that may take an hour, not after it
     }
+    // Before reading 180 MB of data: a network that cannot fit is refused with the numbers.
+    let (train_images, test_images) = (args.train_limit.unwrap_or(50_000).min(50_000), args.test_limit.unwrap_or(10_000).min(10_000));
+    let what = format!("training widths {:?} at batch size {} on {train_images} + {test_images} images", cfg.widths, cfg.batch_size);
+    memory::check(b, memory::run_bytes(&cfg, train_images, test_images), &what)?;
     let dir = data_dir_downloading(args.data_dir.as_deref())?;
     let train_split = data::load_train(&dir, args.train_limit)?;
     let test_split = data::load_test(&dir, args.test_limit)?;
@@ -412,7 +545,8 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     let mut plain = Evaluator::new(b, test_data.len(), cfg.batch_size, 0);
     let mut tta = Evaluator::new(b, test_data.len(), cfg.batch_size, cfg.tta_level);
     let device = b.device_name();
-    println!(
+    let (fingerprint, settings) = (cfg.fingerprint(), cfg.settings());
+    out!(
         "speedrun: recipe {} on backend {} ({device}); {} train / {} test images; widths {:?}; batch {}; {} steps",
         cfg.recipe.name(),
         b.name(),
@@ -426,61 +560,133 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
         let started = std::time::Instant::now();
         trainer.reset(args.seed);
         block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut |_| Flow::Continue))?;
-        println!("warm-up run (not counted): {:.2} s", started.elapsed().as_secs_f64());
+        out!("warm-up run (not counted): {:.2} s", started.elapsed().as_secs_f64());
     }
-    println!("{HEADER}");
-    let live = std::io::stderr().is_terminal();
-    let mut last_print = std::time::Instant::now();
+    out!("{HEADER}");
+    let mut progress = crate::progress::Progress::on_stderr();
+    let epochs = trainer.total_steps.div_ceil(cfg.steps_per_epoch(train_data.len()));
     let mut results: Vec<RunResult> = Vec::new();
+    // What is on disk so far, for the message of a failure after a run has trained.
+    let mut saved = Saved { checkpoint: None, json_rows: 0, json: args.json.as_deref() };
     for run in 1..=args.runs {
         let seed = args.seed + run as u64 - 1;
         trainer.reset(seed);
+        progress.start_run();
         let mut on = |event: Event| {
             match event {
-                Event::Step { epoch, step, steps } if live && last_print.elapsed().as_secs_f64() > 0.25 => {
-                    last_print = std::time::Instant::now();
-                    eprint!("\r{run:>4}  {epoch:>5}  step {step}/{steps}   ");
+                Event::Step { epoch, step, steps } => {
+                    progress.step(crate::progress::Position { run, runs: args.runs, epoch, epochs, step, steps });
                 }
                 Event::Epoch { log, .. } => {
-                    if live {
-                        eprint!("\r{:60}\r", "");
-                    }
-                    println!("{}", format_row(run, log));
+                    progress.clear();
+                    out!("{}", format_row(run, log));
                 }
                 _ => {}
             }
             Flow::Continue
         };
-        let r = block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on))?;
+        let r = block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut on)).map_err(|e| {
+            if run > 1 {
+                anyhow::anyhow!("run {run}: {e:#}; before it, {}", saved.describe())
+            } else {
+                e
+            }
+        })?;
+        // The run has trained: from here on its checkpoint is written whatever else fails.
+        // The last run's goes first; an earlier run's only when a failure stops the loop.
+        let save = |trainer: &Trainer<B>, saved: &mut Saved| -> Result<()> {
+            let Some(path) = &args.save else { return Ok(()) };
+            let (params, running) = block_on(trainer.net.state(b));
+            let meta = [
+                ("tta_accuracy", format!("{:.4}", r.tta_accuracy)),
+                ("seed", trainer.cfg.seed.to_string()),
+                ("recipe", cfg.recipe.name().to_string()),
+            ];
+            checkpoint::save(path, &trainer.net.arch, &params, &running, &meta)?;
+            saved.checkpoint = Some((path.clone(), run));
+            Ok(())
+        };
+        let last = run == args.runs;
+        let mut failure = if last { save(&trainer, &mut saved).err() } else { None };
         let images_per_second = (r.steps * cfg.batch_size) as f64 / r.train_seconds;
-        println!(
+        out!(
             "run {run}: TTA accuracy {:.4} in {:.2} s (whitening {:.2} s, training {:.2} s, TTA {:.2} s); {:.0} train images/s",
-            r.tta_accuracy, r.time_seconds, r.whiten_seconds, r.train_seconds, r.tta_seconds, images_per_second
+            r.tta_accuracy,
+            r.time_seconds,
+            r.whiten_seconds,
+            r.train_seconds,
+            r.tta_seconds,
+            images_per_second
         );
-        if let Some(f) = json.as_mut() {
+        if let (Some(f), Some(p)) = (json.as_mut(), &args.json) {
             let line = serde_json::json!({
-                "recipe": cfg.recipe.name(), "backend": b.name(), "device": device, "run": run, "seed": seed, "epochs": cfg.epochs,
+                "recipe": cfg.recipe.name(), "config_fingerprint": fingerprint, "version": crate::stats_cmd::VERSION,
+                "commit": crate::stats_cmd::COMMIT, "backend": b.name(), "device": device, "run": run, "seed": seed, "epochs": cfg.epochs,
                 "batch_size": cfg.batch_size, "widths": cfg.widths, "train_images": r.train_images,
                 "test_images": r.test_images, "accuracy": r.accuracy, "tta_accuracy": r.tta_accuracy,
                 "time_seconds": r.time_seconds, "whiten_seconds": r.whiten_seconds, "train_seconds": r.train_seconds,
-                "tta_seconds": r.tta_seconds, "steps": r.steps, "train_images_per_second": images_per_second,
+                "tta_seconds": r.tta_seconds, "steps": r.steps, "train_images_per_second": images_per_second, "config": settings,
             });
-            writeln!(f, "{line}").context("cannot append to the --json file")?;
+            match writeln!(f, "{line}") {
+                Ok(()) => saved.json_rows += 1,
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context(format!("cannot append run {run}'s row to the --json file {}", p.display()));
+                    failure = Some(match failure {
+                        Some(first) => anyhow::anyhow!("{first:#}; {e:#}"),
+                        None => e,
+                    });
+                }
+            }
+        }
+        if let Some(e) = failure {
+            if !last && saved.checkpoint.is_none() {
+                if let Err(save_error) = save(&trainer, &mut saved) {
+                    bail!("{e:#}; {save_error:#}; {}", saved.describe());
+                }
+            }
+            bail!("{e:#}; {}", saved.describe());
+        }
+        if let Some((path, _)) = &saved.checkpoint {
+            out!("saved checkpoint {}", path.display());
         }
         results.push(r);
-    }
-    if let Some(path) = &args.save {
-        let (params, running) = block_on(trainer.net.state(b));
-        let tta_acc = results.last().map_or(0.0, |r| r.tta_accuracy);
-        let meta =
-            [("tta_accuracy", format!("{tta_acc:.4}")), ("seed", trainer.cfg.seed.to_string()), ("recipe", cfg.recipe.name().to_string())];
-        checkpoint::save(path, &trainer.net.arch, &params, &running, &meta)?;
-        println!("saved checkpoint {}", path.display());
     }
     if results.len() > 1 {
         print_summary(&results, args.target);
     }
+    let pipe_closed =
+        STDOUT_FAILED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+    if pipe_closed {
+        // The reader went away (`speedrun train | head -1`): its choice, not a failure.
+        eprintln!("note: standard output was closed, so the output after that was dropped; training finished: {}", saved.describe());
+    } else if let Some(failure) = stdout_failure() {
+        bail!("{failure}; the output after that was dropped; training finished: {}", saved.describe());
+    }
     Ok(())
+}
+
+/// What `train` has written so far.
+struct Saved<'a> {
+    checkpoint: Option<(PathBuf, u32)>,
+    json_rows: usize,
+    json: Option<&'a Path>,
+}
+
+impl Saved<'_> {
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some((path, run)) = &self.checkpoint {
+            parts.push(format!("run {run}'s weights were saved to {}", path.display()));
+        }
+        if let Some(json) = self.json.filter(|_| self.json_rows > 0) {
+            parts.push(format!("{} row(s) were appended to {}", self.json_rows, json.display()));
+        }
+        if parts.is_empty() {
+            "nothing was saved".to_string()
+        } else {
+            parts.join("; ")
+        }
+    }
 }
 
 /// The data folder, with CIFAR-10 downloaded into it first if it is missing.
@@ -523,7 +729,7 @@ fn profile_command(args: &ProfileArgs) -> Result<()> {
     let wall_ms = wall.elapsed().as_secs_f64() * 1e3 / steps as f64;
     let kernels = block_on(b.finish_profile());
     let gpu_ms: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() * 1e3 / steps as f64;
-    println!(
+    out!(
         "profile: recipe {} on {} ({}); batch {}; widths {:?}; epoch {epoch}; {steps} steps",
         t.cfg.recipe.name(),
         b.name(),
@@ -531,18 +737,26 @@ fn profile_command(args: &ProfileArgs) -> Result<()> {
         t.cfg.batch_size,
         t.cfg.widths
     );
-    println!("{:<44} {:>6} {:>9} {:>6} {:>9}", "kernel", "calls", "ms/step", "share", "GFLOP/s");
+    out!("{:<44} {:>6} {:>9} {:>6} {:>9}", "kernel", "calls", "ms/step", "share", "GFLOP/s");
     for k in &kernels {
         let ms = k.seconds * 1e3 / steps as f64;
         let gflops = if k.flops > 0.0 { format!("{:.1}", k.flops / k.seconds / 1e9) } else { String::new() };
-        println!("{:<44} {:>6} {ms:>9.3} {:>5.1}% {gflops:>9}", k.name, k.calls / steps, 100.0 * ms / gpu_ms);
+        out!("{:<44} {:>6} {ms:>9.3} {:>5.1}% {gflops:>9}", k.name, k.calls / steps, 100.0 * ms / gpu_ms);
     }
-    println!("GPU time {gpu_ms:.2} ms/step (sum of kernels); wall time {wall_ms:.2} ms/step (timestamps on)");
+    out!("GPU time {gpu_ms:.2} ms/step (sum of kernels); wall time {wall_ms:.2} ms/step (timestamps on)");
     Ok(())
 }
 
-/// Fails unless a file can be created beside `path` (its folder exists and is writable).
+/// Fails unless a file can be created beside `path` (its folder exists and is writable) and
+/// renamed to `path` (it is not a folder).
 fn check_writable(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "cannot write checkpoint {}: it is a folder; give --save a file name, e.g. {}",
+            path.display(),
+            path.join("net.safetensors").display()
+        );
+    }
     let probe = path.with_extension("safetensors.tmp");
     std::fs::File::create(&probe)
         .with_context(|| format!("cannot write checkpoint {} (does its folder exist, is it writable?)", path.display()))?;
@@ -554,9 +768,9 @@ fn print_summary(results: &[RunResult], target: f64) {
     let acc: Vec<f64> = results.iter().map(|r| r.tta_accuracy).collect();
     let time: Vec<f64> = results.iter().map(|r| r.time_seconds).collect();
     let (a, t) = (stats::summarize(&acc), stats::summarize(&time));
-    println!("{} runs: TTA accuracy mean {:.4} ± {:.4} (min {:.4}, max {:.4})", a.n, a.mean, a.std, a.min, a.max);
-    println!("time per run mean {:.2} ± {:.2} s (min {:.2}, max {:.2})", t.mean, t.std, t.min, t.max);
+    out!("{} runs: TTA accuracy mean {:.4} ± {:.4} (min {:.4}, max {:.4})", a.n, a.mean, a.std, a.min, a.max);
+    out!("time per run mean {:.2} ± {:.2} s (min {:.2}, max {:.2})", t.mean, t.std, t.min, t.max);
     if let Some(p) = stats::p_value_mean_below(&acc, target) {
-        println!("one-sided t-test, true mean below {target}: p = {p:.3e}");
+        out!("one-sided t-test, true mean below {target}: p = {p:.3e}");
     }
 }

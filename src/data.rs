@@ -10,6 +10,9 @@ pub const TRAIN_FILES: [&str; 5] = ["data_batch_1.bin", "data_batch_2.bin", "dat
 pub const TEST_FILE: &str = "test_batch.bin";
 /// The folder the official archive extracts to.
 pub const ARCHIVE_FOLDER: &str = "cifar-10-batches-bin";
+/// The checksums `speedrun download` records beside the files it extracts (`sha256sum -c`
+/// format), against which it later checks them.
+pub const CHECKSUMS: &str = "SHA256SUMS";
 pub const CLASS_NAMES: [&str; 10] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"];
 
 /// Images as `(n, 32, 32, 3)` NHWC u8 and their labels 0..9.
@@ -48,11 +51,18 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
 }
 
 /// The folder holding the `.bin` files: `dir` itself or its `cifar-10-batches-bin/`,
-/// preferring one that holds all six files at their exact sizes.
+/// preferring one that holds all six files at their exact sizes, and of those one that
+/// `speedrun download` wrote (with its checksums).
 pub fn batches_dir(dir: &Path) -> Option<PathBuf> {
     let candidates = [dir.to_path_buf(), dir.join(ARCHIVE_FOLDER)];
     let has_any = |d: &&PathBuf| d.join(TEST_FILE).is_file() || d.join(TRAIN_FILES[0]).is_file();
-    candidates.iter().find(|d| all_files_sized(d)).or_else(|| candidates.iter().find(has_any)).cloned()
+    let downloaded = |d: &&PathBuf| all_files_sized(d) && d.join(CHECKSUMS).is_file();
+    candidates
+        .iter()
+        .find(downloaded)
+        .or_else(|| candidates.iter().find(|d| all_files_sized(d)))
+        .or_else(|| candidates.iter().find(has_any))
+        .cloned()
 }
 
 fn all_files_sized(d: &Path) -> bool {
@@ -70,23 +80,49 @@ pub fn is_complete(dir: &Path) -> bool {
 
 fn fix_hint(dir: &Path) -> String {
     format!(
-        "run `speedrun download --data-dir {}` to fetch CIFAR-10, or point --data-dir (or SPEEDRUN_DATA) at a folder holding the CIFAR-10 binary version",
+        "run `speedrun download --data-dir {}` to fetch CIFAR-10 (it checks a copy already there and replaces a damaged one), or point --data-dir (or SPEEDRUN_DATA) at a folder holding the CIFAR-10 binary version",
         dir.display()
     )
 }
 
+/// The bytes of one batch file, read only if it is a regular file (not a device or a FIFO
+/// behind a name or a symlink) and never more than one byte past the expected size.
+pub fn read_batch_bytes(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let expected = RECORD * RECORDS_PER_FILE;
+    // Checked before opening: opening a FIFO would wait for a writer.
+    let cannot_read = || format!("cannot read CIFAR-10 file {}", path.display());
+    let meta = std::fs::metadata(path).with_context(cannot_read)?;
+    if !meta.is_file() {
+        bail!("CIFAR-10 file {} is not a regular file (a device, a FIFO or a folder, possibly behind a symlink)", path.display());
+    }
+    let mut bytes = Vec::with_capacity(expected + 1);
+    std::fs::File::open(path).and_then(|f| f.take(expected as u64 + 1).read_to_end(&mut bytes)).with_context(cannot_read)?;
+    match bytes.len() {
+        n if n < expected => bail!(
+            "CIFAR-10 file {} is {n} bytes, expected {expected} (10,000 records of 3,073 bytes): it is truncated or not a CIFAR-10 binary batch",
+            path.display()
+        ),
+        n if n > expected => bail!(
+            "CIFAR-10 file {} is longer than the {expected} bytes of a CIFAR-10 batch (10,000 records of 3,073 bytes): it is not one",
+            path.display()
+        ),
+        _ => Ok(bytes),
+    }
+}
+
+/// Reads one batch file and checks it (its size, every label 0..9), returning its bytes.
+pub fn check_batch(path: &Path) -> Result<Vec<u8>> {
+    let bytes = read_batch_bytes(path)?;
+    if let Some(i) = bytes.chunks_exact(RECORD).position(|rec| rec[0] > 9) {
+        bail!("CIFAR-10 file {} is corrupt: record {i} has label {} (labels are 0..9)", path.display(), bytes[i * RECORD]);
+    }
+    Ok(bytes)
+}
+
 /// Reads and validates one batch file, appending its images (as NHWC) and labels.
 fn read_file(path: &Path, data_dir: &Path, out: &mut Split) -> Result<()> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read CIFAR-10 file {}: {}", path.display(), fix_hint(data_dir)))?;
-    if bytes.len() != RECORD * RECORDS_PER_FILE {
-        bail!(
-            "CIFAR-10 file {} is {} bytes, expected {} (10,000 records of 3,073 bytes): it is truncated or not a CIFAR-10 binary batch; {}",
-            path.display(),
-            bytes.len(),
-            RECORD * RECORDS_PER_FILE,
-            fix_hint(data_dir)
-        );
-    }
+    let bytes = read_batch_bytes(path).map_err(|e| anyhow::anyhow!("{e:#}; {}", fix_hint(data_dir)))?;
     parse_records(&bytes, out).map_err(|e| anyhow::anyhow!("CIFAR-10 file {} is corrupt: {e}; {}", path.display(), fix_hint(data_dir)))
 }
 
@@ -109,6 +145,9 @@ pub fn parse_records(bytes: &[u8], out: &mut Split) -> Result<()> {
 
 /// Loads `files` from `dir`, stopping once `limit` images are read.
 fn load_files(dir: &Path, files: &[&str], limit: Option<usize>) -> Result<Split> {
+    if dir.is_file() {
+        bail!("the data folder {} is a file, not a folder: point --data-dir (or SPEEDRUN_DATA) at a folder", dir.display());
+    }
     let batches = batches_dir(dir).with_context(|| format!("no CIFAR-10 data in {}: {}", dir.display(), fix_hint(dir)))?;
     let mut split = Split { pixels: Vec::new(), labels: Vec::new() };
     for f in files {

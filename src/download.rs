@@ -1,18 +1,23 @@
 //! `speedrun download`: fetches the official CIFAR-10 binary archive, verifies its MD5,
-//! extracts it into a staging folder and renames it into place, so an interrupted or
-//! corrupt download never leaves anything that looks like valid data.
+//! extracts it into a staging folder, checks the six files and records their SHA-256 (in
+//! `cifar-10-batches-bin/SHA256SUMS`), and renames it into place, so an interrupted or
+//! corrupt download never leaves anything that looks like valid data. Run again, it checks the
+//! copy it finds (against those checksums, or every label where there are none) and replaces
+//! a damaged one.
 
-use crate::data::{self, ARCHIVE_FOLDER};
-use anyhow::{bail, Context, Result};
+use crate::data::{self, ARCHIVE_FOLDER, CHECKSUMS};
+use anyhow::{anyhow, bail, Context, Result};
 use md5::{Digest, Md5};
+use sha2::Sha256;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Where to fetch the archive from, and what it must hash to.
 pub struct Source {
     pub url: String,
     pub md5: String,
+    /// The archive's size: a download is refused beyond it, and must reach it.
     pub size: Option<u64>,
 }
 
@@ -28,9 +33,22 @@ pub fn official() -> Source {
 const PART: &str = ".cifar-10-binary.tar.gz.part";
 const STAGING: &str = ".extracting";
 
-/// Makes sure `dir` holds CIFAR-10, downloading it when it does not.
-/// Returns whether it downloaded.
+/// What `check_and_repair` found and did.
+#[derive(Debug, PartialEq)]
+pub enum Outcome {
+    /// The data was there and checked out.
+    Present,
+    /// There was none (or an incomplete copy); it was downloaded.
+    Downloaded,
+    /// A complete-looking copy was damaged (`problem`); a fresh one replaced it. `stale` is the
+    /// folder whose damaged files stay behind, unused, when they were not the download's own.
+    Repaired { problem: String, stale: Option<PathBuf> },
+}
+
+/// Makes sure `dir` holds CIFAR-10 (all six files at their sizes), downloading it when it
+/// does not. Returns whether it downloaded.
 pub fn ensure(dir: &Path, source: &Source, progress: bool) -> Result<bool> {
+    check_folder(dir)?;
     if data::is_complete(dir) {
         return Ok(false);
     }
@@ -39,8 +57,55 @@ pub fn ensure(dir: &Path, source: &Source, progress: bool) -> Result<bool> {
     Ok(true)
 }
 
+/// `speedrun download`: like `ensure`, but a copy that is there is also checked, against the
+/// checksums recorded when it was downloaded or, for a copy from elsewhere, label by label,
+/// and replaced by a fresh download when it is damaged.
+pub fn check_and_repair(dir: &Path, source: &Source, progress: bool) -> Result<Outcome> {
+    check_folder(dir)?;
+    let Some(batches) = data::batches_dir(dir).filter(|_| data::is_complete(dir)) else {
+        eprintln!("CIFAR-10 not found in {}; downloading {}", dir.display(), source.url);
+        download(dir, source, progress)?;
+        return Ok(Outcome::Downloaded);
+    };
+    let Err(problem) = verify(&batches) else { return Ok(Outcome::Present) };
+    eprintln!("CIFAR-10 in {} is damaged: {problem}; downloading a fresh copy from {}", batches.display(), source.url);
+    download(dir, source, progress).with_context(|| format!("the copy in {} stays as it was (damaged: {problem})", batches.display()))?;
+    let stale = (batches != dir.join(ARCHIVE_FOLDER)).then_some(batches);
+    Ok(Outcome::Repaired { problem, stale })
+}
+
+/// Checks the six files in `batches`: against its `SHA256SUMS` where `speedrun download`
+/// wrote one, else each file's size and labels. The error says what is wrong.
+pub fn verify(batches: &Path) -> std::result::Result<(), String> {
+    let recorded = std::fs::read_to_string(batches.join(CHECKSUMS)).ok();
+    for name in data::TRAIN_FILES.iter().chain([&data::TEST_FILE]) {
+        let path = batches.join(name);
+        let bytes = data::check_batch(&path).map_err(|e| format!("{e:#}"))?;
+        if let Some(recorded) = &recorded {
+            let want = recorded.lines().find_map(|l| l.strip_suffix(name).and_then(|h| h.strip_suffix("  "))).unwrap_or("");
+            if sha256_hex(&bytes) != want {
+                return Err(format!("{} does not match the SHA-256 recorded in {CHECKSUMS} when it was downloaded", path.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Fails, before anything is printed or fetched, when `dir` exists but is not a folder.
+fn check_folder(dir: &Path) -> Result<()> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("the data folder {} is a file, not a folder: point --data-dir (or SPEEDRUN_DATA) at a folder", dir.display());
+    }
+    Ok(())
+}
+
 /// Downloads and extracts into `dir/cifar-10-batches-bin`, replacing an incomplete copy.
 pub fn download(dir: &Path, source: &Source, progress: bool) -> Result<()> {
+    check_folder(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create data folder {}", dir.display()))?;
     let (part, staging) = (dir.join(PART), dir.join(STAGING));
     let cleanup = || {
@@ -67,15 +132,24 @@ fn fetch_verify_extract(dir: &Path, source: &Source, progress: bool) -> Result<(
     if !data::is_complete(&extracted) {
         bail!("the archive from {} does not hold the six CIFAR-10 .bin files in {ARCHIVE_FOLDER}/", source.url);
     }
+    // The files as extracted, checked and recorded: later runs of `speedrun download` check
+    // the copy against these sums.
+    let mut sums = String::new();
+    for name in data::TRAIN_FILES.iter().chain([&data::TEST_FILE]) {
+        let bytes = data::check_batch(&extracted.join(name)).with_context(|| format!("the archive from {} is not CIFAR-10", source.url))?;
+        sums += &format!("{}  {name}\n", sha256_hex(&bytes));
+    }
+    std::fs::write(extracted.join(CHECKSUMS), sums).with_context(|| format!("cannot write {} (is the disk full?)", extracted.display()))?;
     let target = dir.join(ARCHIVE_FOLDER);
     if target.exists() {
-        std::fs::remove_dir_all(&target).with_context(|| format!("cannot replace the incomplete {}", target.display()))?;
+        std::fs::remove_dir_all(&target).with_context(|| format!("cannot replace the old {}", target.display()))?;
     }
     std::fs::rename(&extracted, &target).with_context(|| format!("cannot move the data into {}", target.display()))?;
     Ok(())
 }
 
-/// Streams `source.url` into `part`, returning the hex MD5 of what was received.
+/// Streams `source.url` into `part`, returning the hex MD5 of what was received. Never writes
+/// more than `source.size` bytes, whatever the server sends or announces.
 fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
     // A stalled connection fails instead of hanging; a slow but live one may take its time.
     let agent: ureq::Agent = ureq::Agent::config_builder()
@@ -83,8 +157,25 @@ fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
         .timeout_per_read(Some(Duration::from_secs(60)))
         .build()
         .into();
-    let response = agent.get(&source.url).call().with_context(|| format!("cannot download {} (no internet connection?)", source.url))?;
-    let total = response.body().content_length().or(source.size);
+    let response = agent.get(&source.url).call().map_err(|e| match e {
+        ureq::Error::StatusCode(code) => anyhow!(
+            "cannot download {}: the server answered HTTP {code}{}",
+            source.url,
+            if source.url == OFFICIAL_URL {
+                " (the file may have moved: set SPEEDRUN_CIFAR_URL to a mirror of cifar-10-binary.tar.gz)"
+            } else {
+                " (is SPEEDRUN_CIFAR_URL the address of a mirror of cifar-10-binary.tar.gz?)"
+            }
+        ),
+        other => anyhow::Error::new(other).context(format!("cannot download {} (no internet connection?)", source.url)),
+    })?;
+    let announced = response.body().content_length();
+    if let (Some(announced), Some(size)) = (announced, source.size) {
+        if announced != size {
+            bail!("{} announces {announced} bytes, but cifar-10-binary.tar.gz is {size} bytes: it is not a mirror of it", source.url);
+        }
+    }
+    let total = announced.or(source.size);
     let mut reader = response.into_body().into_reader();
     let mut file = std::io::BufWriter::new(std::fs::File::create(part).with_context(|| format!("cannot write {}", part.display()))?);
     let mut hasher = Md5::new();
@@ -95,6 +186,9 @@ fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
             reader.read(&mut buf).with_context(|| format!("the download from {} was interrupted after {received} bytes", source.url))?;
         if n == 0 {
             break;
+        }
+        if let Some(size) = source.size.filter(|&s| received + n as u64 > s) {
+            bail!("{} sent more than the {size} bytes of cifar-10-binary.tar.gz: it is not a mirror of it; stopped there", source.url);
         }
         hasher.update(&buf[..n]);
         file.write_all(&buf[..n]).with_context(|| format!("cannot write {} (is the disk full?)", part.display()))?;

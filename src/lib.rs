@@ -8,6 +8,7 @@
 //! - `run`: one run on the clock: evaluation, (selective) TTA, per-epoch rows.
 //! - `whiten`: the whitening filters from patch moments.
 //! - `data`, `download`, `checkpoint`: CIFAR-10 files and safetensors checkpoints.
+//! - `memory`: the memory a configuration needs, checked before anything is allocated.
 //! - `web` (wasm32): the browser entry point for `web/`.
 
 pub mod backend;
@@ -16,6 +17,7 @@ pub mod data;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod download;
 pub mod linalg;
+pub mod memory;
 pub mod model;
 pub mod recipe;
 pub mod rng;

@@ -5,7 +5,11 @@
 #[cfg(not(target_arch = "wasm32"))]
 mod cli;
 #[cfg(not(target_arch = "wasm32"))]
+mod progress;
+#[cfg(not(target_arch = "wasm32"))]
 mod serve;
+#[cfg(not(target_arch = "wasm32"))]
+mod stats_cmd;
 
 fn main() {
     #[cfg(not(target_arch = "wasm32"))]

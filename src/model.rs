@@ -211,18 +211,23 @@ impl<B: Backend> Net<B> {
     /// would exceed what the device can bind.
     pub fn new(b: &B, arch: Arch, capacity: usize) -> anyhow::Result<Net<B>> {
         let widths = arch.widths;
-        let layout = Layout::new(widths);
         let n = capacity;
-        let whiten_len = n * WHITEN_SIDE * WHITEN_SIDE * WHITEN_OUT;
-        let largest = layout.layers.iter().map(|l| n * l.side * l.side * l.c_out.max(l.c_in)).max().unwrap().max(whiten_len);
-        if largest > b.max_tensor_len() {
+        // Checked before any size is computed in usize (absurd widths would overflow it).
+        let (largest, max_len) = (crate::memory::largest_tensor(widths, n), b.max_tensor_len() as f64);
+        if largest > max_len {
+            let fits = (n as f64 * max_len / largest).floor();
             anyhow::bail!(
-                "batch size {n} needs {} MiB buffers; this device binds at most {} MiB: use --batch-size {} or less",
-                (largest * 4) >> 20,
-                (b.max_tensor_len() * 4) >> 20,
-                n * b.max_tensor_len() / largest
+                "batch size {n} with widths {widths:?} needs {:.0} MiB buffers; this device binds at most {:.0} MiB: {}",
+                largest * 4.0 / (1u64 << 20) as f64,
+                max_len * 4.0 / (1u64 << 20) as f64,
+                if fits >= 1.0 { format!("use --batch-size {fits} or less") } else { "use smaller --widths".to_string() }
             );
         }
+        let what = format!("a network of widths {widths:?} for batches of {n}");
+        crate::memory::check(b, crate::memory::net_bytes(widths, n), &what)?;
+        let layout = Layout::new(widths);
+        let whiten_len = n * WHITEN_SIDE * WHITEN_SIDE * WHITEN_OUT;
+        let largest = largest as usize;
         let acts: Vec<LayerActs<B>> = layout
             .layers
             .iter()

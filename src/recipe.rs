@@ -9,9 +9,11 @@
 
 use crate::backend::Act;
 use anyhow::{bail, Result};
+use serde::Serialize;
 
 /// A named recipe.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Recipe {
     Airbench94,
     Airbench94Muon,
@@ -116,7 +118,7 @@ impl Recipe {
 
 /// Muon for the conv filters (Nesterov momentum, then the filter's update orthogonalised by
 /// a quintic Newton–Schulz iteration); the biases and the head keep Nesterov SGD.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Muon {
     pub momentum: f64,
     /// (a, b, c) of X ← aX + (bA + cA²)X, A = XXᵀ.
@@ -135,7 +137,8 @@ pub struct Muon {
 }
 
 /// When Muon rescales each filter to Frobenius norm √c_out (before the step's update).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Renorm {
     /// Before every update (airbench94_muon).
     EveryStep,
@@ -144,14 +147,15 @@ pub enum Renorm {
 }
 
 /// Colour jitter per image and epoch, in normalised units: x ← (x + U(±brightness))·(1 + U(±contrast)).
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Jitter {
     pub brightness: f32,
     pub contrast: f32,
 }
 
-/// Every hyperparameter, with airbench94's defaults.
-#[derive(Clone, Debug)]
+/// Every hyperparameter, with airbench94's defaults. It serializes (serde) to every value but
+/// the seed, which is per run: that is what `fingerprint` hashes.
+#[derive(Clone, Debug, Serialize)]
 pub struct Config {
     pub recipe: Recipe,
     pub epochs: f64,
@@ -197,6 +201,7 @@ pub struct Config {
     /// Lookahead every `lookahead_every` steps (0: none) with decay `ema_base^every · (t/T)³`.
     pub lookahead_every: usize,
     pub ema_base: f64,
+    #[serde(skip)]
     pub seed: u64,
 }
 
@@ -274,6 +279,29 @@ impl Config {
     pub fn arch(&self) -> crate::model::Arch {
         crate::model::Arch { widths: self.widths, act: self.act, logit_scale: self.logit_scale }
     }
+
+    /// Every value but the seed, as compact JSON in the order of the fields above (floats in
+    /// their shortest round-trip form): the text `fingerprint` hashes.
+    pub fn settings_json(&self) -> String {
+        serde_json::to_string(self).expect("a Config always serializes")
+    }
+
+    /// `settings_json` as a JSON value (for the JSON rows): the same text, parsed.
+    pub fn settings(&self) -> serde_json::Value {
+        serde_json::from_str(&self.settings_json()).expect("settings_json is JSON")
+    }
+
+    /// A stable fingerprint of every value but the seed: 16 hex digits of the 64-bit FNV-1a
+    /// hash of `settings_json`. Runs with equal fingerprints trained the same recipe with the
+    /// same settings (JSON rows carry it, and `speedrun stats` groups runs by it).
+    pub fn fingerprint(&self) -> String {
+        format!("{:016x}", fnv1a64(self.settings_json().as_bytes()))
+    }
+}
+
+/// 64-bit FNV-1a (Fowler–Noll–Vo), a fixed, platform-independent hash.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// PyTorch SGD hyperparameters of one parameter group (for Muon: lr and decoupled decay).
@@ -366,5 +394,43 @@ impl Renorm {
             Renorm::EveryStep => true,
             Renorm::Hiverge => t - last >= 2 + 15 * t / total,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv1a64_matches_the_reference_vectors() {
+        // From the FNV authors' test suite (isthe.com/chongo/tech/comp/fnv).
+        assert_eq!(fnv1a64(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(fnv1a64(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    #[test]
+    fn fingerprint_covers_every_value_but_the_seed() {
+        let base = Config::default();
+        assert_eq!(base.fingerprint().len(), 16);
+        assert_eq!(base.fingerprint(), Config { seed: 7, ..Config::default() }.fingerprint());
+        let json = base.settings_json();
+        assert!(json.starts_with(r#"{"recipe":"airbench94","epochs":9.9,"batch_size":1024,"lr":11.5,"#), "{json}");
+        assert!(json.contains(r#""act":"gelu""#) && json.contains(r#""label_smoothing":0.2,"#) && !json.contains("seed"), "{json}");
+        let hiverge = Recipe::Hiverge.config().settings_json();
+        assert!(hiverge.contains(r#""renorm":"hiverge""#) && hiverge.contains(r#""jitter":{"brightness":0.1399,"#), "{hiverge}");
+        let changed = [
+            Config { epochs: 9.8, ..base.clone() },
+            Config { widths: [8, 8, 8], ..base.clone() },
+            Config { tta_select: Some(0.25), ..base.clone() },
+            Config { bn_eps: 1e-5, ..base.clone() },
+            Config { flip: false, ..base.clone() },
+        ];
+        let mut all: Vec<String> =
+            Recipe::ALL.iter().map(|r| r.config().fingerprint()).chain(changed.iter().map(Config::fingerprint)).collect();
+        let n = all.len();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), n, "every change gives another fingerprint");
     }
 }

@@ -48,7 +48,7 @@ fn reduced_run_on_real_data_then_eval_and_predict() {
     let o = speedrun(&[&args[..], &["--json", json.to_str().unwrap(), "--save", ckpt.to_str().unwrap()]].concat(), &[]);
     let (out, err) = text(&o);
     assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
-    assert!(out.contains(" run  epoch  train_loss  train_acc  val_acc  tta_acc   time_s"), "{out}");
+    assert!(out.contains(" run  epoch  train_loss  train_acc  accuracy  tta_accuracy   time_s"), "{out}");
     let line = std::fs::read_to_string(&json).unwrap();
     let r: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
     for key in [
@@ -228,4 +228,56 @@ fn profile_lists_every_conv_pass() {
         assert!(out.contains("GPU time"), "{out}");
         fails_with(&speedrun(&[&args[..], &["--epoch", "11"]].concat(), &[]), 1, "pick --epoch and --steps inside them");
     }
+}
+
+/// Without a terminal (logs, CI, Slurm) `train` prints a plain progress line on stderr at most
+/// every `SPEEDRUN_PROGRESS_SECONDS` (default 30 s; here a millisecond, so every step gets one)
+/// and no terminal control characters; `SPEEDRUN_PROGRESS_SECONDS=0` turns the lines off.
+#[test]
+fn progress_lines_without_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    small_data(tmp.path(), |_| {});
+    let args = [&["train", "--backend", "cpu", "--data-dir", dir, "--batch-size", "16"][..], &TINY].concat();
+    let o = speedrun(&args, &[("SPEEDRUN_PROGRESS_SECONDS", "0.001")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for step in 1..=4 {
+        let line = format!("progress: run 1/1, epoch 1/1, step {step}/4 of the epoch, ");
+        assert!(err.lines().any(|l| l.starts_with(&line) && l.ends_with(" s into the run")), "{line:?} missing from stderr:\n{err}");
+    }
+    assert!(!err.contains('\r') && !err.contains('\x1b'), "terminal control characters in stderr: {err:?}");
+    assert!(!out.contains("progress:"), "progress went to stdout:\n{out}");
+    let o = speedrun(&args, &[("SPEEDRUN_PROGRESS_SECONDS", "0")]);
+    let (out, err) = text(&o);
+    assert!(o.status.success() && !err.contains("progress:"), "stdout:\n{out}\nstderr:\n{err}");
+}
+
+/// `--help` describes every flag of `eval` and `predict` and train's `--seed`, and lists the
+/// environment variables; `info` says which backend a command without `--backend` would use.
+#[test]
+fn help_names_every_flag_and_the_environment() {
+    for (command, flags) in
+        [("eval", &["--checkpoint", "--tta", "--data-dir", "--test-limit", "--backend"][..]), ("predict", &["--checkpoint", "--backend"])]
+    {
+        let o = speedrun(&[command, "--help"], &[]);
+        let (out, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        for flag in flags {
+            let line = out.lines().find(|l| l.trim_start().starts_with(flag)).unwrap_or_else(|| panic!("{flag} missing:\n{out}"));
+            let described = line.split_once('>').map_or(line.trim_start()[flag.len()..].trim(), |(_, rest)| rest.trim());
+            assert!(!described.is_empty(), "{command} {flag} has no description:\n{out}");
+        }
+    }
+    for args in [&["--help"][..], &["train", "--help"], &["download", "--help"]] {
+        let out = text(&speedrun(args, &[])).0;
+        for var in ["SPEEDRUN_DATA", "SPEEDRUN_CIFAR_URL", "SPEEDRUN_PROGRESS_SECONDS", "LD_LIBRARY_PATH"] {
+            assert!(out.contains(var), "{var} missing from speedrun {args:?}:\n{out}");
+        }
+    }
+    let train = text(&speedrun(&["train", "--help"], &[])).0;
+    assert!(train.lines().any(|l| l.contains("--seed <SEED>") && l.contains("Seed of the first run")), "{train}");
+    let o = speedrun(&["info"], &[]);
+    assert!(o.status.success());
+    assert!(text(&o).0.contains("default backend (train, bench, eval, predict without --backend): "), "{}", text(&o).0);
 }

@@ -1,27 +1,39 @@
-//! One full airbench94 training step against PyTorch in float64
-//! (`shared/reference/reference.safetensors`, made by `shared/reference/make_reference.py`):
-//! logits, loss, every gradient, BN running statistics, the SGD step and the TTA logits.
+//! One full airbench94 training step against PyTorch in float64: logits, loss, every gradient,
+//! BN running statistics, the SGD step and the TTA logits, and the whitening filters. Checked
+//! against every reference `common::reference_files` finds: this repository's own
+//! (`tests/reference/reference.safetensors`, made by `tests/reference/make_reference.py`, whose
+//! whitening comes from its own 16 images, so it needs no dataset) and, where it exists, the
+//! project's shared one (`shared/reference/`, written independently; its whitening comes from the
+//! first 5,000 images of the JPEG-derived CIFAR-10 it was made from).
 
 mod common;
 
-use common::{cifar_dir, reference_file, rel_error};
+use common::{cifar_dir, reference_files, rel_error};
 use safetensors::{Dtype, SafeTensors};
 use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Backend, Crop};
 use speedrun::checkpoint::{permute, torch_shape};
 use speedrun::data::Split;
 use speedrun::model::{patch_covariance, Layout};
 use speedrun::train::{Config, DeviceSplit, Evaluator, Trainer};
+use std::path::{Path, PathBuf};
 
 /// f32 against f64: every tensor must agree to this fraction of its largest magnitude.
 const TOLERANCE: f64 = 2e-5;
 
 struct Reference {
+    path: PathBuf,
     bytes: Vec<u8>,
 }
 
 impl Reference {
-    fn load() -> Reference {
-        Reference { bytes: std::fs::read(reference_file()).unwrap() }
+    fn load(path: &Path) -> Reference {
+        println!("reference {}", path.display());
+        Reference { path: path.to_path_buf(), bytes: std::fs::read(path).unwrap() }
+    }
+    /// The file's metadata value `key`, if any.
+    fn metadata(&self, key: &str) -> Option<String> {
+        let (_, meta) = SafeTensors::read_metadata(&self.bytes).unwrap();
+        meta.metadata().as_ref().and_then(|m| m.get(key).cloned())
     }
     fn tensor(&self, name: &str) -> (Vec<usize>, Vec<u8>, Dtype) {
         let st = SafeTensors::deserialize(&self.bytes).unwrap();
@@ -89,14 +101,16 @@ fn check_conv_grad(what: &str, got: &[f32], want: &[f64]) {
 
 #[test]
 fn one_training_step_matches_pytorch_float64() {
-    let r = Reference::load();
+    for path in reference_files() {
+        one_training_step(&Reference::load(&path));
+    }
+}
+
+fn one_training_step(r: &Reference) {
     let b = Cpu::new();
-    // The batch: 16 images (NCHW u8 → NHWC), not augmented.
-    let (shape, nchw, _) = r.tensor("input.images_u8");
-    let n = shape[0];
-    let pixels: Vec<u8> = (0..n * 1024 * 3).map(|i| nchw[(i / 3072) * 3072 + (i % 3) * 1024 + (i % 3072) / 3]).collect();
-    let labels = r.labels("input.labels");
-    let split = Split { pixels, labels };
+    // The batch: 16 images, not augmented.
+    let split = batch(r);
+    let n = split.len();
     let data = DeviceSplit::new(&b, &split);
     // The reference's weight decay assumes batch 1024; ours scales it with the batch size.
     let cfg = Config {
@@ -108,7 +122,7 @@ fn one_training_step_matches_pytorch_float64() {
     let mut t = Trainer::new(&b, cfg, &data).unwrap();
     t.reset(0);
     let layout = t.layout().clone();
-    let (params, running) = state(&r, &layout, "init");
+    let (params, running) = state(r, &layout, "init");
     t.net.set_state(&b, &params, &running);
     t.set_epoch(&(0..n as u32).collect::<Vec<_>>(), &vec![Crop::IDENTITY.pack(); n]);
     assert_eq!(Config::default().lr_multiplier(t.step, t.total_steps), 0.2);
@@ -135,15 +149,49 @@ fn one_training_step_matches_pytorch_float64() {
     check("eval.tta_logits", &logits, &r.f64s("eval.tta_logits"));
 }
 
-/// Whitening from the first 5,000 images of `data_batch_1.bin`: the eigenvalues and the
-/// filters (up to sign) match PyTorch's, and the filters whiten the patches.
+/// The reference's batch as a `Split` (NCHW u8 → NHWC).
+fn batch(r: &Reference) -> Split {
+    let (shape, nchw, _) = r.tensor("input.images_u8");
+    let n = shape[0];
+    let pixels: Vec<u8> = (0..n * 1024 * 3).map(|i| nchw[(i / 3072) * 3072 + (i % 3) * 1024 + (i % 3072) / 3]).collect();
+    Split { pixels, labels: r.labels("input.labels") }
+}
+
+/// Whitening from the images the reference took it from: the eigenvalues and the filters (up to
+/// sign) match PyTorch's, and the filters whiten the patches.
 #[test]
 fn whitening_matches_pytorch_and_whitens() {
-    let r = Reference::load();
+    for path in reference_files() {
+        whitening(&Reference::load(&path));
+    }
+}
+
+/// The images a reference's whitening came from: its own batch (metadata `whitening` =
+/// `input.images_u8`), else the first 5,000 images of `data_batch_1.bin` of the CIFAR-10 copy it
+/// was made from, which must be the test data (its first images are the reference's batch).
+fn whitening_images(r: &Reference) -> Split {
+    if r.metadata("whitening").as_deref() == Some("input.images_u8") {
+        return batch(r);
+    }
+    let dir = cifar_dir();
+    let train = speedrun::data::load_train(&dir, Some(5000)).unwrap();
+    let own = batch(r);
+    assert!(
+        train.pixels.starts_with(&own.pixels) && train.labels.starts_with(&own.labels),
+        "{} was made from another CIFAR-10 copy than the test data in {} (its batch is not their first images): \
+         point SPEEDRUN_TEST_DATA at the copy it was made from",
+        r.path.display(),
+        dir.display()
+    );
+    train
+}
+
+fn whitening(r: &Reference) {
     let b = Cpu::new();
-    let train = speedrun::data::load_train(&cifar_dir(), Some(5000)).unwrap();
+    let train = whitening_images(r);
+    let n = train.len();
     let data = DeviceSplit::new(&b, &train);
-    let cfg = Config { widths: [16, 32, 32], ..Config::default() };
+    let cfg = Config { widths: [16, 32, 32], whiten_images: n, batch_size: n.min(1024), ..Config::default() };
     let mut t = Trainer::new(&b, cfg, &data).unwrap();
     t.reset(0);
     let values = block_on(t.init_whitening());
@@ -165,10 +213,10 @@ fn whitening_matches_pytorch_and_whitens() {
         assert!(err < 1e-6, "filter {f}: relative error {err:.2e} (f32 rounding is 6e-8)");
     }
     // W Σ Wᵀ = diag(λ/(λ+eps)): ≈ identity along directions with λ ≫ eps, uncorrelated.
-    let mut moments = vec![0.0f32; 5000 * 156];
-    b.patch_moments(&data.images, all(&data.order, 5000), all_mut(&mut moments, 5000 * 156));
+    let mut moments = vec![0.0f32; n * 156];
+    b.patch_moments(&data.images, all(&data.order, n), all_mut(&mut moments, n * 156));
     let sums: Vec<f64> = (0..156).map(|j| moments.chunks_exact(156).map(|m| m[j] as f64).sum()).collect();
-    let cov = patch_covariance(&sums, 5000.0 * 961.0);
+    let cov = patch_covariance(&sums, n as f64 * 961.0);
     let w = |f: usize, j: usize| got[f * 12 + (j / 2 % 2 * 2 + j % 2) * 3 + j / 4] as f64; // (c, ky, kx) order
     for (i, &lambda) in values.iter().enumerate() {
         for k in 0..12 {

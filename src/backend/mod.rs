@@ -67,7 +67,8 @@ impl ConvShape {
 }
 
 /// The activation after BatchNorm in the conv blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Act {
     /// `z·Φ(z)` with the exact erf (airbench94).
     Gelu,
@@ -151,6 +152,11 @@ pub trait Backend {
     // ---- memory ----
     /// The longest tensor (in values) the device can bind.
     fn max_tensor_len(&self) -> usize;
+    /// Bytes the device's buffers can still take and where that number comes from, where the
+    /// backend knows (`memory::check` refuses a network beyond it); None where it does not.
+    fn free_memory(&self) -> Option<(u64, String)> {
+        None
+    }
     fn zeros(&self, len: usize) -> Self::Tensor;
     fn index_zeros(&self, len: usize) -> Self::Index;
     fn upload(&self, dst: ViewMut<Self::Tensor>, src: &[f32]);

@@ -4,42 +4,103 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// The `shared/` folder beside the checkout (`$SPEEDRUN_SHARED` overrides).
+/// The `shared/` folder beside the checkout (`$SPEEDRUN_SHARED` overrides): this project's own
+/// machines and CI have it; a fresh clone elsewhere does not.
 fn shared_dir() -> PathBuf {
     std::env::var_os("SPEEDRUN_SHARED").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared"))
 }
 
-/// The JPEG-derived CIFAR-10 as binary batches: `$SPEEDRUN_TEST_DATA`, else
-/// `shared/cifar10-jpeg` unpacked once into `target/test-data/cifar10`.
-pub fn cifar_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("SPEEDRUN_TEST_DATA") {
-        return PathBuf::from(dir);
-    }
-    let target = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-data");
-    let dir = target.join("cifar10");
-    if speedrun::data::is_complete(&dir) {
-        return dir;
-    }
-    let unpack = shared_dir().join("cifar10-jpeg/unpack.sh");
-    assert!(unpack.is_file(), "test data not found: set SPEEDRUN_TEST_DATA to an unpacked CIFAR-10, or SPEEDRUN_SHARED to the folder holding cifar10-jpeg/ ({} is missing)", unpack.display());
-    // Unpack into a private folder, then rename: concurrent tests never see a partial copy.
-    let staging = target.join(format!("unpack-{}", std::process::id()));
-    std::fs::create_dir_all(&staging).unwrap();
-    let ok = Command::new("bash").arg(&unpack).arg(&staging).status().expect("run unpack.sh").success();
-    assert!(ok, "{} failed", unpack.display());
-    if std::fs::rename(&staging, &dir).is_err() {
-        std::fs::remove_dir_all(&staging).unwrap(); // another test got there first
-    }
-    assert!(speedrun::data::is_complete(&dir));
-    dir
+/// Where the data-dependent tests may find CIFAR-10, in the order `find_cifar` tries them.
+pub struct DataPlaces {
+    /// `$SPEEDRUN_TEST_DATA`: an unpacked CIFAR-10, used as it is.
+    pub test_data: Option<PathBuf>,
+    /// The shared folder (`cifar10-jpeg/unpack.sh` there unpacks the JPEG-derived copy).
+    pub shared: PathBuf,
+    /// Where the shared copy is unpacked, once (`target/test-data`; the copy is its `cifar10/`).
+    pub unpacked: PathBuf,
+    /// The real CIFAR-10 where `speedrun` itself looks: `$SPEEDRUN_DATA`, else the per-user
+    /// cache (`~/.cache/speedrun/cifar10` on Linux).
+    pub cache: PathBuf,
+    /// Where a missing cache is fetched from: the official archive (or `$SPEEDRUN_CIFAR_URL`), MD5-checked.
+    pub source: speedrun::download::Source,
 }
 
-/// PyTorch's float64 training step: `$SPEEDRUN_REFERENCE`, else `shared/reference/`.
-pub fn reference_file() -> PathBuf {
-    let path =
-        std::env::var_os("SPEEDRUN_REFERENCE").map(PathBuf::from).unwrap_or_else(|| shared_dir().join("reference/reference.safetensors"));
-    assert!(path.is_file(), "reference not found at {}: set SPEEDRUN_REFERENCE or SPEEDRUN_SHARED", path.display());
-    path
+impl DataPlaces {
+    /// The places this test process sees.
+    pub fn from_env() -> DataPlaces {
+        DataPlaces {
+            test_data: std::env::var_os("SPEEDRUN_TEST_DATA").filter(|d| !d.is_empty()).map(PathBuf::from),
+            shared: shared_dir(),
+            unpacked: Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-data"),
+            cache: speedrun::data::resolve_dir(None),
+            source: speedrun::download::official(),
+        }
+    }
+}
+
+/// CIFAR-10 for the tests: `$SPEEDRUN_TEST_DATA`; else the shared JPEG-derived copy, unpacked
+/// once into `target/test-data/cifar10` (this project's machines and CI); else the real
+/// CIFAR-10 in speedrun's data folder (the per-user cache), fetched there with speedrun's own
+/// MD5-checked download when it is missing. Returns the folder and what it is.
+pub fn find_cifar(places: &DataPlaces) -> (PathBuf, &'static str) {
+    if let Some(dir) = &places.test_data {
+        return (dir.clone(), "$SPEEDRUN_TEST_DATA");
+    }
+    let dir = places.unpacked.join("cifar10");
+    if speedrun::data::is_complete(&dir) {
+        return (dir, "the shared JPEG-derived copy, unpacked");
+    }
+    let unpack = places.shared.join("cifar10-jpeg/unpack.sh");
+    if unpack.is_file() {
+        // Unpack into a private folder, then rename: concurrent tests never see a partial copy.
+        let staging = places.unpacked.join(format!("unpack-{}", std::process::id()));
+        std::fs::create_dir_all(&staging).unwrap();
+        let ok = Command::new("bash").arg(&unpack).arg(&staging).status().expect("run unpack.sh").success();
+        assert!(ok, "{} failed", unpack.display());
+        if std::fs::rename(&staging, &dir).is_err() {
+            std::fs::remove_dir_all(&staging).unwrap(); // another test got there first
+        }
+        assert!(speedrun::data::is_complete(&dir), "{} did not unpack CIFAR-10 into {}", unpack.display(), dir.display());
+        return (dir, "the shared JPEG-derived copy, unpacked");
+    }
+    match speedrun::download::ensure(&places.cache, &places.source, false) {
+        Ok(false) => (places.cache.clone(), "the real CIFAR-10 in the data folder"),
+        Ok(true) => (places.cache.clone(), "the real CIFAR-10, downloaded into the data folder"),
+        Err(e) => panic!(
+            "test data not found: no $SPEEDRUN_TEST_DATA, no shared copy ({} is missing), and CIFAR-10 could not be fetched into {}: {e:#}\n\
+             Fix: run `cargo run --release -- download` (with SPEEDRUN_CIFAR_URL=<mirror of cifar-10-binary.tar.gz> if the official host is unreachable), or set SPEEDRUN_TEST_DATA (or SPEEDRUN_DATA) to a folder holding the CIFAR-10 binary version",
+            unpack.display(),
+            places.cache.display()
+        ),
+    }
+}
+
+/// CIFAR-10 for this test process (see `find_cifar`), found once; says on stderr which copy.
+pub fn cifar_dir() -> PathBuf {
+    static FOUND: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FOUND
+        .get_or_init(|| {
+            let (dir, what) = find_cifar(&DataPlaces::from_env());
+            eprintln!("test data: {} ({what})", dir.display());
+            dir
+        })
+        .clone()
+}
+
+/// The float64 references of one training step, each made by PyTorch: this repository's own
+/// (`tests/reference/reference.safetensors`, made by `tests/reference/make_reference.py`), and a
+/// second, independently written one where it exists: `$SPEEDRUN_REFERENCE` (which must exist),
+/// else `shared/reference/reference.safetensors`.
+pub fn reference_files() -> Vec<PathBuf> {
+    let mut files = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/reference.safetensors")];
+    match std::env::var_os("SPEEDRUN_REFERENCE").filter(|p| !p.is_empty()).map(PathBuf::from) {
+        Some(path) => {
+            assert!(path.is_file(), "SPEEDRUN_REFERENCE names {}, which is not a file", path.display());
+            files.push(path);
+        }
+        None => files.extend(Some(shared_dir().join("reference/reference.safetensors")).filter(|p| p.is_file())),
+    }
+    files
 }
 
 /// A wgpu device on the default adapter, or None (with a message) when there is none.

@@ -67,6 +67,10 @@ impl Backend for Cpu {
         usize::MAX
     }
 
+    fn free_memory(&self) -> Option<(u64, String)> {
+        crate::memory::host_available()
+    }
+
     fn zeros(&self, len: usize) -> Vec<f32> {
         let mut v = Vec::with_capacity(len);
         v.resize(len, 0.0); // writes every page now, not inside the first timed step

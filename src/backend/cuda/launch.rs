@@ -122,6 +122,11 @@ impl Backend for Cuda {
         i32::MAX as usize // kernels index with 32-bit unsigned ints
     }
 
+    fn free_memory(&self) -> Option<(u64, String)> {
+        let (free, _) = self.stream.context().mem_get_info().ok()?;
+        Some((free as u64, "free memory on the GPU".to_string()))
+    }
+
     fn zeros(&self, len: usize) -> CudaSlice<f32> {
         check("allocation", self.stream.alloc_zeros(len.max(1)))
     }

@@ -64,33 +64,86 @@ pub fn compile_family(name: &str, source: &str, arch: &'static str) -> Result<Pt
         .map_err(|e| anyhow::anyhow!("NVRTC failed on kernels/{name}.cu for {arch}: {e}"))
 }
 
+/// Which of the libraries the backend loads at run time are there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Libraries {
+    /// The driver's libcuda.so.1: there is an NVIDIA GPU (and driver).
+    pub driver: bool,
+    pub nvrtc: bool,
+    pub cublas: bool,
+    pub cudnn: bool,
+}
+
+/// The fix named for each library the driver does not bring: (name, what to install, its folder
+/// under `site-packages/nvidia`).
+const TOOLKIT: [(&str, &str, &str); 3] = [
+    ("NVRTC (libnvrtc.so.13)", "nvidia-cuda-nvrtc", "cu13/lib"),
+    ("cuBLAS (libcublas.so.13)", "nvidia-cublas", "cu13/lib"),
+    ("cuDNN 9 (libcudnn.so.9)", "nvidia-cudnn-cu13", "cudnn/lib"),
+];
+
+impl Libraries {
+    /// Looks for each library by the name cudarc loads it by (`LD_LIBRARY_PATH` and the
+    /// loader's usual paths), without touching cudarc's own loader, which panics when one is missing.
+    pub fn probe() -> Libraries {
+        unsafe {
+            Libraries {
+                driver: cudarc::driver::sys::is_culib_present(),
+                nvrtc: cudarc::nvrtc::sys::is_culib_present(),
+                cublas: cudarc::cublas::sys::is_culib_present(),
+                cudnn: cudnn::sys::is_culib_present(),
+            }
+        }
+    }
+
+    /// The toolkit libraries that are missing, as indices into `TOOLKIT`.
+    fn missing(&self) -> Vec<usize> {
+        [self.nvrtc, self.cublas, self.cudnn].iter().enumerate().filter(|(_, present)| !**present).map(|(i, _)| i).collect()
+    }
+
+    /// Ok when all are there; else what is missing and the fix.
+    pub fn check(&self) -> Result<()> {
+        if !self.driver {
+            bail!(
+                "no CUDA driver (libcuda.so.1) found: the cuda backend needs an NVIDIA GPU and its driver; use --backend wgpu or --backend cpu"
+            );
+        }
+        if let Some(reason) = self.missing_toolkit() {
+            bail!("{reason}");
+        }
+        Ok(())
+    }
+
+    /// With a driver, the missing toolkit libraries and how to get them, in one line.
+    fn missing_toolkit(&self) -> Option<String> {
+        let missing = self.missing();
+        if missing.is_empty() {
+            return None;
+        }
+        let names: Vec<&str> = missing.iter().map(|&i| TOOLKIT[i].0).collect();
+        let packages: Vec<&str> = missing.iter().map(|&i| TOOLKIT[i].1).collect();
+        let mut folders: Vec<String> = missing.iter().map(|&i| format!("$SP/{}", TOOLKIT[i].2)).collect();
+        folders.dedup();
+        Some(format!(
+            "{} not found: `pip install {}` (PyTorch's environment for CUDA 13 already has {}), then \
+             `SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')/nvidia; export LD_LIBRARY_PATH={}:$LD_LIBRARY_PATH`",
+            names.join(", "),
+            packages.join(" "),
+            if missing.len() == 1 { "it" } else { "them" },
+            folders.join(":")
+        ))
+    }
+
+    /// Why the default backend passes over CUDA although there is a driver (so an NVIDIA GPU),
+    /// with the fix, in one line; None without a driver (nothing to say) or when all is there.
+    pub fn fallback_note(&self) -> Option<String> {
+        self.driver.then(|| self.missing_toolkit()).flatten().map(|reason| format!("not using CUDA: {reason}"))
+    }
+}
+
 /// Whether the libraries the backend needs can be loaded; the error names the fix.
 pub fn check_libraries() -> Result<()> {
-    // cudarc panics when a library is missing, so look before touching it.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        bail!(
-            "no CUDA driver (libcuda.so.1) found: the cuda backend needs an NVIDIA GPU and its driver; use --backend wgpu or --backend cpu"
-        );
-    }
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        bail!(
-            "NVRTC (libnvrtc.so.13) not found: `pip install nvidia-cuda-nvrtc` and add its `site-packages/nvidia/cu13/lib` \
-             to LD_LIBRARY_PATH (PyTorch's environment already has it)"
-        );
-    }
-    if !unsafe { cudarc::cublas::sys::is_culib_present() } {
-        bail!(
-            "cuBLAS (libcublas.so.13) not found: `pip install nvidia-cublas` and add its `site-packages/nvidia/cu13/lib` \
-             to LD_LIBRARY_PATH (PyTorch's environment already has it)"
-        );
-    }
-    if !unsafe { cudnn::sys::is_culib_present() } {
-        bail!(
-            "cuDNN 9 (libcudnn.so.9) not found: `pip install nvidia-cudnn-cu13` and add its `site-packages/nvidia/cudnn/lib` \
-             to LD_LIBRARY_PATH (PyTorch's environment already has it)"
-        );
-    }
-    Ok(())
+    Libraries::probe().check()
 }
 
 /// The CUDA libraries mapped into this process, from /proc/self/maps.
@@ -245,4 +298,35 @@ fn view<'a, T>(v: &'a View<CudaSlice<T>>) -> CudaView<'a, T> {
 
 fn view_mut<'a, T>(v: &'a mut ViewMut<CudaSlice<T>>) -> CudaViewMut<'a, T> {
     v.buf.slice_mut(v.range.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Libraries;
+
+    const ALL: Libraries = Libraries { driver: true, nvrtc: true, cublas: true, cudnn: true };
+
+    #[test]
+    fn a_missing_library_with_a_driver_is_said_in_one_line_with_its_fix() {
+        assert_eq!(ALL.fallback_note(), None);
+        assert!(ALL.check().is_ok());
+        let note = Libraries { nvrtc: false, ..ALL }.fallback_note().unwrap();
+        assert!(note.starts_with("not using CUDA: NVRTC (libnvrtc.so.13) not found: `pip install nvidia-cuda-nvrtc`"), "{note}");
+        assert!(note.contains("export LD_LIBRARY_PATH=$SP/cu13/lib:$LD_LIBRARY_PATH"), "{note}");
+        assert!(!note.contains('\n'), "{note}");
+        let note = Libraries { nvrtc: false, cudnn: false, ..ALL }.fallback_note().unwrap();
+        assert!(note.contains("NVRTC (libnvrtc.so.13), cuDNN 9 (libcudnn.so.9) not found"), "{note}");
+        assert!(note.contains("`pip install nvidia-cuda-nvrtc nvidia-cudnn-cu13`"), "{note}");
+        assert!(note.contains("LD_LIBRARY_PATH=$SP/cu13/lib:$SP/cudnn/lib:$LD_LIBRARY_PATH"), "{note}");
+        let err = format!("{:#}", Libraries { cublas: false, ..ALL }.check().unwrap_err());
+        assert!(err.starts_with("cuBLAS (libcublas.so.13) not found: `pip install nvidia-cublas`"), "{err}");
+    }
+
+    #[test]
+    fn without_a_driver_nothing_is_said_and_cuda_is_refused() {
+        let none = Libraries { driver: false, nvrtc: false, cublas: false, cudnn: false };
+        assert_eq!(none.fallback_note(), None);
+        assert_eq!(Libraries { driver: false, ..ALL }.fallback_note(), None);
+        assert!(format!("{:#}", none.check().unwrap_err()).contains("no CUDA driver (libcuda.so.1) found"));
+    }
 }

@@ -130,6 +130,12 @@ impl Backend for Wgpu {
         (self.max_binding / 4) as usize
     }
 
+    /// A CPU adapter (lavapipe, SwiftShader) keeps its buffers in host memory; a GPU reports
+    /// no free memory through wgpu.
+    fn free_memory(&self) -> Option<(u64, String)> {
+        (self.info.device_type == wgpu::DeviceType::Cpu).then(crate::memory::host_available).flatten()
+    }
+
     fn zeros(&self, len: usize) -> Buf {
         self.buffer(len, "tensor") // wgpu zero-initialises every buffer
     }
