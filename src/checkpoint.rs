@@ -105,7 +105,9 @@ pub struct Loaded {
 pub fn load(path: &Path) -> Result<Loaded> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
     let bad = || format!("{} is not a speedrun checkpoint (safetensors written by `speedrun train --save`)", path.display());
-    let (_, meta) = SafeTensors::read_metadata(&bytes).with_context(bad)?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|_| {
+        anyhow::anyhow!("{} is not a safetensors file, so not a speedrun checkpoint (`speedrun train --save` writes those)", path.display())
+    })?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         bail!(bad());

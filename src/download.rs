@@ -167,7 +167,12 @@ fn fetch(source: &Source, part: &Path, progress: bool) -> Result<String> {
                 " (is SPEEDRUN_CIFAR_URL the address of a mirror of cifar-10-binary.tar.gz?)"
             }
         ),
-        other => anyhow::Error::new(other).context(format!("cannot download {} (no internet connection?)", source.url)),
+        other => anyhow!(
+            "cannot download {} ({other}: no internet connection?); without internet, copy CIFAR-10's binary files \
+             (cifar-10-binary.tar.gz, unpacked) into a folder and pass --data-dir DIR or set SPEEDRUN_DATA=DIR, \
+             or set SPEEDRUN_CIFAR_URL to a mirror of the archive that this machine can reach",
+            source.url
+        ),
     })?;
     let announced = response.body().content_length();
     if let (Some(announced), Some(size)) = (announced, source.size) {

@@ -151,6 +151,29 @@ fn bad_flags_and_paths_are_clean_errors() {
     let not_image = tmp.path().join("data_batch_1.bin");
     fails_with(&speedrun(&["predict", "--checkpoint", "missing.safetensors", not_image.to_str().unwrap()], &[]), 1, "cannot read image");
     fails_with(&speedrun(&["eval", "--checkpoint", not_image.to_str().unwrap(), "--data-dir", dir], &[]), 1, "not a speedrun checkpoint");
+    // An image given as the checkpoint: named for what it is not, without the parser's jargon;
+    // a damaged PNG: its decoder's reason once.
+    let png = tmp.path().join("img.png");
+    image::RgbImage::new(8, 8).save(&png).unwrap();
+    let o = speedrun(&["eval", "--checkpoint", png.to_str().unwrap(), "--data-dir", dir], &[]);
+    fails_with(&o, 1, "is not a safetensors file");
+    assert!(!text(&o).1.contains("header too large"), "{}", text(&o).1);
+    let broken = tmp.path().join("broken.png");
+    std::fs::write(&broken, b"not a png at all").unwrap();
+    let o = speedrun(&["predict", "--checkpoint", png.to_str().unwrap(), broken.to_str().unwrap()], &[]);
+    let err = text(&o).1;
+    assert!(o.status.code() == Some(1) && err.contains("broken.png"), "{err}");
+    let reason = err.lines().find(|l| l.contains("broken.png")).unwrap();
+    assert!(reason.matches("signature").count() <= 1 && reason.matches("Invalid").count() <= 1, "the reason repeats itself: {reason}");
+    // No internet: the message names the ways to give speedrun the data (port 9 is closed).
+    let empty = tempfile::tempdir().unwrap();
+    let o = speedrun(
+        &["train", "--data-dir", empty.path().to_str().unwrap()],
+        &[("SPEEDRUN_CIFAR_URL", "http://127.0.0.1:9/cifar-10-binary.tar.gz")],
+    );
+    fails_with(&o, 1, "cannot download");
+    let err = text(&o).1;
+    assert!(err.contains("--data-dir") && err.contains("SPEEDRUN_DATA") && err.contains("SPEEDRUN_CIFAR_URL"), "{err}");
     fails_with(
         &speedrun(&["eval", "--checkpoint", "x", "--data-dir", dir, "--test-limit", "0"], &[]),
         1,
