@@ -24,6 +24,16 @@ macro_rules! out {
 }
 pub(crate) use out;
 
+/// `eprintln!` that never panics: a closed stderr (`speedrun train 2>&1 | head -1`) must not
+/// end a run that is still training.
+macro_rules! err {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use err;
+
 /// The first failed write to stdout (a closed pipe, as in `speedrun train | head -1`, or a full
 /// disk); once set, stdout output is dropped. `main` reports it after the command has done its
 /// work, so a training run whose reader went away still finishes and saves what it was asked to.
@@ -282,12 +292,12 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
         Some(BackendKind::Cuda) => return Ok(Chosen::Cuda(Box::new(start_cuda()?))),
         None if cuda::check_libraries().is_ok() => match start_cuda() {
             Ok(c) => return Ok(Chosen::Cuda(Box::new(c))),
-            Err(e) => eprintln!("note: not using CUDA ({e:#}); trying the other backends"),
+            Err(e) => err!("note: not using CUDA ({e:#}); trying the other backends"),
         },
         // A driver (so an NVIDIA GPU) but a library missing: say why CUDA is passed over.
         None => {
             if let Some(note) = cuda::Libraries::probe().fallback_note() {
-                eprintln!("note: {note}");
+                err!("note: {note}");
             }
         }
         _ => {}
@@ -378,7 +388,7 @@ pub fn main() {
         None => Ok(()),
     });
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        err!("error: {e:#}");
         std::process::exit(1);
     }
 }
@@ -480,7 +490,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// Logits of every image of `split` under TTA `level`, from a checkpoint.
 fn predict_logits<B: Backend>(b: &B, path: &Path, split: &Split, level: usize) -> Result<Vec<f32>> {
-    eprintln!("backend {} ({})", b.name(), b.device_name());
+    err!("backend {} ({})", b.name(), b.device_name());
     let ckpt = checkpoint::load(path)?;
     let mut net = Net::new(b, ckpt.arch, split.len().min(1024))?;
     net.set_state(b, &ckpt.params, &ckpt.running);
@@ -592,8 +602,9 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
                 e
             }
         })?;
-        // The run has trained: from here on its checkpoint is written whatever else fails.
-        // The last run's goes first; an earlier run's only when a failure stops the loop.
+        // The run has trained: its checkpoint is written first, whatever fails after it. Each
+        // run's replaces the one before (atomically), so the file holds the last finished run,
+        // even when a later run fails.
         let save = |trainer: &Trainer<B>, saved: &mut Saved| -> Result<()> {
             let Some(path) = &args.save else { return Ok(()) };
             let (params, running) = block_on(trainer.net.state(b));
@@ -606,8 +617,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
             saved.checkpoint = Some((path.clone(), run));
             Ok(())
         };
-        let last = run == args.runs;
-        let mut failure = if last { save(&trainer, &mut saved).err() } else { None };
+        let mut failure = save(&trainer, &mut saved).err();
         let images_per_second = (r.steps * cfg.batch_size) as f64 / r.train_seconds;
         out!(
             "run {run}: TTA accuracy {:.4} in {:.2} s (whitening {:.2} s, training {:.2} s, TTA {:.2} s); {:.0} train images/s",
@@ -627,7 +637,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
                 "time_seconds": r.time_seconds, "whiten_seconds": r.whiten_seconds, "train_seconds": r.train_seconds,
                 "tta_seconds": r.tta_seconds, "steps": r.steps, "train_images_per_second": images_per_second, "config": settings,
             });
-            match writeln!(f, "{line}") {
+            match f.write_all(format!("{line}\n").as_bytes()) {
                 Ok(()) => saved.json_rows += 1,
                 Err(e) => {
                     let e = anyhow::Error::new(e).context(format!("cannot append run {run}'s row to the --json file {}", p.display()));
@@ -639,11 +649,6 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
             }
         }
         if let Some(e) = failure {
-            if !last && saved.checkpoint.is_none() {
-                if let Err(save_error) = save(&trainer, &mut saved) {
-                    bail!("{e:#}; {save_error:#}; {}", saved.describe());
-                }
-            }
             bail!("{e:#}; {}", saved.describe());
         }
         if let Some((path, _)) = &saved.checkpoint {
@@ -658,7 +663,7 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
         STDOUT_FAILED.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
     if pipe_closed {
         // The reader went away (`speedrun train | head -1`): its choice, not a failure.
-        eprintln!("note: standard output was closed, so the output after that was dropped; training finished: {}", saved.describe());
+        err!("note: standard output was closed, so the output after that was dropped; training finished: {}", saved.describe());
     } else if let Some(failure) = stdout_failure() {
         bail!("{failure}; the output after that was dropped; training finished: {}", saved.describe());
     }

@@ -66,7 +66,7 @@ impl Progress {
             }
             Progress::Lines(lines) => {
                 if let Some(line) = lines.due(Instant::now(), at) {
-                    eprintln!("{line}");
+                    crate::cli::err!("{line}");
                 }
             }
             Progress::Off => {}
@@ -87,7 +87,7 @@ impl Progress {
 /// 0 (or less) none.
 pub fn interval_from(value: Option<&str>) -> Option<Duration> {
     let seconds = value.and_then(|v| v.trim().parse::<f64>().ok()).filter(|s| s.is_finite()).unwrap_or(DEFAULT_SECONDS);
-    (seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    (seconds > 0.0).then(|| Duration::try_from_secs_f64(seconds).unwrap_or(Duration::MAX))
 }
 
 /// Plain progress lines: one when `interval` has passed since the run started or since the last.

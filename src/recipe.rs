@@ -142,7 +142,7 @@ pub struct Muon {
 pub enum Renorm {
     /// Before every update (airbench94_muon).
     EveryStep,
-    /// hiverge's cadence: after step t (1-based) of T when t − last ≥ 2 + ⌊15·t/T⌋.
+    /// hiverge's cadence: at step t (1-based) of T, before its update, when t − last ≥ 2 + ⌊15·t/T⌋.
     Hiverge,
 }
 

@@ -198,15 +198,18 @@ impl<'a, B: Backend> Trainer<'a, B> {
             let m = ViewMut { buf: &mut self.momentum, range };
             b.sgd_step(p, g, m, (group.lr * mult) as f32, group.weight_decay as f32, cfg.momentum as f32);
         };
-        if whiten_bias {
-            // With Muon the whitening bias has its own schedule: linear decay over its steps.
-            let own = if cfg.muon.is_some() { 1.0 - self.step as f64 / whiten_steps as f64 } else { mult };
-            sgd(groups.whiten_bias, own, layout.whiten_bias.clone());
-        }
         if cfg.muon.is_none() {
-            sgd(groups.filters, mult, span(&layout.conv));
+            // airbench94: one base group over the whitening bias (while it trains), the filters
+            // and the head, which are consecutive in the arena.
+            let first = if whiten_bias { layout.whiten_bias.start } else { layout.whiten_bias.end };
+            sgd(groups.filters, mult, first..layout.head.end);
+        } else {
+            if whiten_bias {
+                // With Muon the whitening bias has its own schedule: linear decay over its steps.
+                sgd(groups.whiten_bias, 1.0 - self.step as f64 / whiten_steps as f64, layout.whiten_bias.clone());
+            }
+            sgd(groups.head, mult, layout.head.clone());
         }
-        sgd(groups.head, mult, layout.head.clone());
         sgd(groups.bn_bias, mult, span(&layout.bn_bias));
         if let Some(muon) = cfg.muon {
             let renorm = muon.renorm.due(self.step + 1, self.total_steps, self.last_renorm);

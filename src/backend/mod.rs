@@ -5,7 +5,8 @@
 //! - Conv weights are OHWI: `(c_out, k, k, c_in)`, so a weight is a `(c_out, k*k*c_in)`
 //!   matrix whose columns follow the NHWC patch order `(ky, kx, c)`.
 //! - Buffers are backend-owned handles; shapes live on the host and are passed to each op.
-//!   Ops never allocate and never wait for the device; only `read` and `sync` do.
+//!   Ops allocate only their scratch, on first use (the first training step), and never wait
+//!   for the device; only `read` and `sync` do.
 //! - Ops that take `n` work on the first `n` images of buffers sized for a larger batch.
 
 pub mod cpu;
