@@ -3,6 +3,8 @@
 //! headless start is quiet. Small synthetic data on the CPU backend; bad mirrors and web
 //! clients are served from and sent to 127.0.0.1 only, each with a time limit.
 
+mod common;
+
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use speedrun::backend::Act;
 use speedrun::data::{RECORD, RECORDS_PER_FILE};
@@ -527,18 +529,7 @@ fn download_checks_the_copy_it_finds() {
 #[test]
 fn download_repairs_a_damaged_copy() {
     use speedrun::download::{check_and_repair, Outcome, Source};
-    let archive = {
-        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-        let b = batch();
-        for name in speedrun::data::TRAIN_FILES.iter().chain([&speedrun::data::TEST_FILE]) {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(b.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), &b[..]).unwrap();
-        }
-        tar.into_inner().unwrap().finish().unwrap()
-    };
+    let archive = common::cifar_archive(&batch());
     let md5: String = {
         use md5::Digest;
         md5::Md5::digest(&archive).iter().map(|b| format!("{b:02x}")).collect()

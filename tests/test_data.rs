@@ -93,15 +93,7 @@ fn archive() -> &'static [u8] {
     ARCHIVE.get_or_init(|| {
         let batch: Vec<u8> =
             (0..RECORDS_PER_FILE).flat_map(|i| std::iter::once((i % 10) as u8).chain(std::iter::repeat_n(0, RECORD - 1))).collect();
-        let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
-        for name in TRAIN_FILES.iter().chain([&TEST_FILE]) {
-            let mut header = tar::Header::new_gnu();
-            header.set_size(batch.len() as u64);
-            header.set_mode(0o644);
-            header.set_cksum();
-            tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), &batch[..]).unwrap();
-        }
-        tar.into_inner().unwrap().finish().unwrap()
+        common::cifar_archive(&batch)
     })
 }
 

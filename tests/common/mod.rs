@@ -140,3 +140,17 @@ pub fn rel_error(got: &[f32], want: &[f64]) -> f64 {
     let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs())).max(1e-30);
     got.iter().zip(want).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max) / scale
 }
+
+/// A tar.gz laid out like CIFAR-10's binary archive: the six `.bin` files, each `batch`, in
+/// `cifar-10-batches-bin/` (for local download servers).
+pub fn cifar_archive(batch: &[u8]) -> Vec<u8> {
+    let mut tar = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+    for name in speedrun::data::TRAIN_FILES.iter().chain([&speedrun::data::TEST_FILE]) {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(batch.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("cifar-10-batches-bin/{name}"), batch).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap()
+}
