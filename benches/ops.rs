@@ -5,7 +5,9 @@
 //! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
 //! --w1 64 --w2 256 --w3 256]` (defaults: batch
 //! 64, 3 repetitions, every backend; each op is timed after one untimed warm-up call,
-//! synchronised before and after).
+//! synchronised before and after). A conv's GFLOP/s counts a direct convolution's 2·MACs,
+//! whatever the algorithm (Winograd does a quarter of the multiplies: its rate is effective);
+//! `infer` is the inference forward (`conv_forward_inference`), not part of a training step.
 
 use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Act, Backend, BnMode, ConvShape, View, ViewMut};
 use speedrun::model::{layers, Arch, Layout, Net};
@@ -58,9 +60,11 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         let mut dw = b.zeros(w_len(&s));
         let name = format!("block{}.conv{} {}→{} {}²", l.block, l.conv, s.c_in, s.c_out, s.h);
         let f = time(b, reps, || b.conv_forward(s, &x, all(&w, w_len(&s)), &mut y));
+        let fi = time(b, reps, || b.conv_forward_inference(s, &x, all(&w, w_len(&s)), &mut y));
         let d = time(b, reps, || b.conv_backward_data(s, &y, all(&w, w_len(&s)), &mut dx));
         let g = time(b, reps, || b.conv_backward_filter(s, &x, &y, all_mut(&mut dw, w_len(&s))));
         row(&format!("{name} fwd"), f, flops);
+        row(&format!("{name} infer"), fi, flops);
         row(&format!("{name} dgrad"), d, flops);
         row(&format!("{name} wgrad"), g, flops);
         let bs = l.bn_shape(n, Act::Gelu);
@@ -79,7 +83,7 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         row(&format!("block{}.norm{} pool{} bwd", l.block, l.conv, l.pool), bb, 0.0);
         total += f + d + g + bf + bb;
     }
-    row("sum of the ops above", total, 0.0);
+    row("sum of the training ops", total, 0.0);
     newton_schulz(b, reps, widths, row);
     step(b, n, reps, widths);
 }

@@ -4,7 +4,7 @@
 //! allocation or driving the machine into swap. Counts are f64, so absurd widths cannot
 //! overflow them.
 
-use crate::backend::{Backend, CHANNELS, CLASSES, MOMENTS, SIDE};
+use crate::backend::{cpu, Backend, CHANNELS, CLASSES, MOMENTS, SIDE};
 use crate::data::RECORD;
 use crate::model::{layers, WHITEN_OUT};
 use crate::recipe::Config;
@@ -59,8 +59,8 @@ pub fn net_bytes(widths: [usize; 3], capacity: usize) -> f64 {
 
 /// Bytes a training run of `cfg` on `n_train` images, evaluated on `n_test`, allocates: the
 /// network, the optimizer and lookahead state, the evaluators, the datasets (on the host and
-/// on the device) and the CPU backend's scratch (per-group filter gradients, per-thread patch
-/// matrices) and the program itself. Measured on the CPU backend (peak resident memory), within
+/// on the device) and the CPU backend's scratch (per-group filter gradients, per-thread
+/// Winograd tiles, transformed filters) and the program itself. Measured on the CPU backend (peak resident memory), within
 /// 3% of the estimate for widths 64,256,256 and 128,512,512.
 pub fn run_bytes(cfg: &Config, n_train: usize, n_test: usize) -> f64 {
     let (widths, batch) = (cfg.widths, cfg.batch_size);
@@ -79,8 +79,8 @@ pub fn run_bytes(cfg: &Config, n_train: usize, n_test: usize) -> f64 {
         + newton_schulz;
     let evaluators = 2.0 * n_test * (CLASSES + 1) as f64 + 7.0 * n;
     let threads = rayon::current_num_threads() as f64;
-    let widest_input = conv_layers(widths).iter().map(|l| l.1).fold(0.0, f64::max);
-    let cpu_scratch = 16.0 * largest_filter + threads * 1024.0 * 9.0 * widest_input;
+    let winograd = conv_layers(widths).iter().map(|l| cpu::winograd_scratch(l.1 as usize, l.2 as usize) as f64).fold(0.0, f64::max);
+    let cpu_scratch = 16.0 * largest_filter + threads * winograd + 5.0 * largest_filter; // partials, scratch, transformed filters
     let images = 2.0 * (n_train + n_test) * RECORD as f64 + (RECORD * crate::data::RECORDS_PER_FILE) as f64;
     let program = 64.0 * (1u64 << 20) as f64;
     net_bytes(widths, batch) + (trainer + evaluators + cpu_scratch) * F32 + images + program

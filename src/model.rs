@@ -280,7 +280,10 @@ impl<B: Backend> Net<B> {
             let (done, rest) = self.acts.split_at_mut(i);
             let input = done.last().map_or(&self.a0, |prev| &prev.a);
             let act = &mut rest[0];
-            b.conv_forward(layer.conv_shape(n), input, p(l.conv[i].clone()), &mut act.y);
+            match mode {
+                BnMode::Train { .. } => b.conv_forward(layer.conv_shape(n), input, p(l.conv[i].clone()), &mut act.y),
+                BnMode::Eval { .. } => b.conv_forward_inference(layer.conv_shape(n), input, p(l.conv[i].clone()), &mut act.y),
+            }
             let running = ViewMut { buf: &mut self.running, range: l.bn_running[i].clone() };
             let bias = p(l.bn_bias[i].clone());
             b.pool_bn_act_forward(layer.bn_shape(n, self.arch.act), mode, &act.y, bias, running, &mut act.z, &mut act.a, &mut act.saved);

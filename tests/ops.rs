@@ -103,6 +103,8 @@ pub fn conv_forward<B: Backend>(b: &B) {
         let mut y = b.zeros(s.n * s.out_h() * s.out_w() * s.c_out);
         b.conv_forward(s, &upload(b, &x), all(&upload(b, &w), w.len()), &mut y);
         assert_close("conv_forward", &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
+        b.conv_forward_inference(s, &upload(b, &x), all(&upload(b, &w), w.len()), &mut y);
+        assert_close("conv_forward_inference", &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
     }
 }
 
@@ -150,18 +152,31 @@ fn conv_ref_backward(s: &ConvShape, x: &[f32], w: &[f32], r: &[f32]) -> (Vec<f64
 
 /// A conv spanning several output tiles, reduction slices and weight-gradient splits.
 pub fn conv_large<B: Backend>(b: &B) {
-    let s = ConvShape { n: 3, h: 9, w: 9, c_in: 20, c_out: 70, k: 3, pad: 1 };
+    check_conv(b, ConvShape { n: 3, h: 9, w: 9, c_in: 20, c_out: 70, k: 3, pad: 1 });
+}
+
+/// A conv as deep as the network's widest (256 input channels, 2,304 products per output):
+/// rounding grows with the reduction length, so the small shapes alone would not show it.
+pub fn conv_deep<B: Backend>(b: &B) {
+    check_conv(b, ConvShape { n: 2, h: 7, w: 7, c_in: 256, c_out: 24, k: 3, pad: 1 });
+}
+
+/// Forward, dx and dW of one conv against the float64 loops.
+fn check_conv<B: Backend>(b: &B, s: ConvShape) {
     let (x, w, r) = (random(s.n * s.h * s.w * s.c_in, 21), random(w_len(&s), 22), random(y_len(&s), 23));
     let (tx, tw, tr) = (upload(b, &x), upload(b, &w), upload(b, &r));
     let mut y = b.zeros(y_len(&s));
     b.conv_forward(s, &tx, all(&tw, w.len()), &mut y);
-    assert_close("large conv forward", &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
+    let name = format!("conv {}→{} {}²", s.c_in, s.c_out, s.h);
+    assert_close(&format!("{name} forward"), &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
+    b.conv_forward_inference(s, &tx, all(&tw, w.len()), &mut y);
+    assert_close(&format!("{name} inference forward"), &read(b, &y, y_len(&s)), &conv_ref(&s, &x, &w), 1e-5);
     let (mut dx, mut dw) = (b.zeros(x.len()), b.zeros(w.len()));
     b.conv_backward_data(s, &tr, all(&tw, w.len()), &mut dx);
     b.conv_backward_filter(s, &tx, &tr, all_mut(&mut dw, w.len()));
     let (want_dx, want_dw) = conv_ref_backward(&s, &x, &w, &r);
-    assert_close("large conv dx", &read(b, &dx, x.len()), &want_dx, 1e-5);
-    assert_close("large conv dw", &read(b, &dw, w.len()), &want_dw, 1e-5);
+    assert_close(&format!("{name} dx"), &read(b, &dx, x.len()), &want_dx, 1e-5);
+    assert_close(&format!("{name} dw"), &read(b, &dw, w.len()), &want_dw, 1e-5);
 }
 
 pub fn bias_gelu<B: Backend>(b: &B) {
@@ -656,6 +671,7 @@ macro_rules! all_ops {
                 conv_forward,
                 conv_backward,
                 conv_large,
+                conv_deep,
                 bias_gelu,
                 pool_bn_act,
                 max_pool,

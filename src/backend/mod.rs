@@ -198,6 +198,15 @@ pub trait Backend {
     // ---- convolution (no bias) ----
     /// `y (n, oh, ow, c_out) = conv(x (n, h, w, c_in), w (c_out, k, k, c_in))`.
     fn conv_forward(&self, s: ConvShape, x: &Self::Tensor, w: View<Self::Tensor>, y: &mut Self::Tensor);
+
+    /// `conv_forward` for inference (evaluation, TTA), whose output no backward pass reads:
+    /// a backend may use a faster algorithm whose rounding differs from pixel to pixel. The
+    /// CPU backend runs Winograd F(4×4, 3×3) here, while its training forward stays direct:
+    /// direct convolution rounds the same way at every pixel, so equal inputs give equal
+    /// outputs and max-pool ties route gradients as in the float64 reference (tests/reference.rs).
+    fn conv_forward_inference(&self, s: ConvShape, x: &Self::Tensor, w: View<Self::Tensor>, y: &mut Self::Tensor) {
+        self.conv_forward(s, x, w, y);
+    }
     /// `dx (n, h, w, c_in)` from `dy (n, oh, ow, c_out)`.
     fn conv_backward_data(&self, s: ConvShape, dy: &Self::Tensor, w: View<Self::Tensor>, dx: &mut Self::Tensor);
     /// `dw (c_out, k, k, c_in)` (overwritten) from `x` and `dy`.

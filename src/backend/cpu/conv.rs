@@ -1,7 +1,11 @@
-//! Convolutions on the CPU: im2col of a few images at a time (so the patch matrix stays in
-//! cache) followed by an SGEMM from `matrixmultiply`, parallel over image chunks.
+//! Convolutions on the CPU. The training forward is direct: im2col of a few images at a time
+//! (so the patch matrix stays in cache) and an SGEMM from `matrixmultiply`, parallel over
+//! image chunks; it rounds the same way at every pixel, which keeps max-pool ties as exact as
+//! in the float64 reference (`Backend::conv_forward_inference`). The inference forward and
+//! both gradients of the 3×3 convs run Winograd F(4×4, 3×3) (`winograd.rs`: a quarter of
+//! the multiplies).
 
-use super::{fixed_groups, THREAD_SCRATCH};
+use super::{fixed_groups, winograd, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
 
@@ -93,6 +97,15 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     });
 }
 
+/// `forward` for inference: Winograd for 3×3 filters.
+pub fn forward_inference(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
+    if winograd::applies(s) {
+        winograd::forward(s, x, w, y);
+    } else {
+        forward(s, x, w, y);
+    }
+}
+
 /// `dx` of a stride-1 convolution: the forward convolution of `dy` with the kernel rotated by
 /// 180° and its channel axes swapped, padded by `k − 1 − pad`.
 pub fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
@@ -108,11 +121,14 @@ pub fn backward_data(s: &ConvShape, dy: &[f32], w: &[f32], dx: &mut [f32]) {
         }
     }
     let transposed = ConvShape { n: s.n, h: s.out_h(), w: s.out_w(), c_in: cout, c_out: cin, k, pad: k - 1 - s.pad };
-    forward(&transposed, dy, &rotated, dx);
+    forward_inference(&transposed, dy, &rotated, dx); // dx feeds no max-pool: Winograd's rounding is harmless
 }
 
 /// `dw (c_out, k, k, c_in) = Σ_pixels dy ⊗ patch`, summed in a fixed order for determinism.
 pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
+    if winograd::applies(s) {
+        return winograd::backward_filter(s, x, dy, dw);
+    }
     let per_image = s.out_h() * s.out_w();
     let ipc = images_per_chunk(s);
     let kdim = s.k * s.k * s.c_in;

@@ -4,6 +4,9 @@
 
 mod conv;
 pub mod norm;
+mod winograd;
+
+pub use winograd::scratch_len as winograd_scratch;
 
 use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, MOMENTS, PATCH, SIDE, STD};
 use rayon::prelude::*;
@@ -169,6 +172,10 @@ impl Backend for Cpu {
 
     fn conv_forward(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
         conv::forward(&s, x, window(&w), y);
+    }
+
+    fn conv_forward_inference(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
+        conv::forward_inference(&s, x, window(&w), y);
     }
 
     fn conv_backward_data(&self, s: ConvShape, dy: &Vec<f32>, w: View<Vec<f32>>, dx: &mut Vec<f32>) {
