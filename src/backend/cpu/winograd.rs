@@ -23,9 +23,9 @@ const TILES_PER_CHUNK: usize = 128;
 const TILES_PER_WGRAD_CHUNK: usize = 256;
 
 // The transforms of F(4, 3) from the interpolation points 0, 1, −1, 2, −1/2 and ∞ (Toom–Cook,
-// the 1/f normalisation in G): Barabasz et al. (2020) show these points round about half as
-// much as Lavin's 0, ±1, ±2 (here 2.9e-6 against 9.8e-6 of the largest output of a conv
-// with 256 input channels, tests/ops.rs `conv_deep`).
+// the 1/f normalisation in G): Barabasz et al. (2020) show these points round less than
+// Lavin's 0, ±1, ±2; here 3.2e-6 against 9.8e-6 of the largest output of a conv with 256
+// input channels (tests/ops.rs `conv_deep`, whose tolerance is 1e-5).
 
 /// Input transform Bᵀ (A, A): V = Bᵀ d B for a 6×6 input tile d.
 const BT: [[f32; A]; A] = [
@@ -69,7 +69,7 @@ const fn transpose<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; R
 }
 
 /// f32 values of one thread's scratch for a layer of `c_in → c_out` channels: the largest of
-/// `forward`'s and `backward_filter`'s (for images of at most 512 tiles, 90×90 pixels).
+/// `forward`'s and `backward_filter`'s (for images of at most 256 tiles, 64×64 outputs).
 pub fn scratch_len(c_in: usize, c_out: usize) -> usize {
     AA * (TILES_PER_CHUNK.max(TILES_PER_WGRAD_CHUNK) * (c_in + c_out) + c_in * c_out)
 }
@@ -94,8 +94,8 @@ const LANES: usize = 8;
 
 /// `dst[r] = Σ_k mat[r][k]·src[k]` for `R` output and `K` input vectors of `len` lanes, input
 /// `k` at `src[k·src_stride..]` and output `r` at `dst[r·dst_stride..]`; per lane k ascending
-/// with fused multiply-adds, zero coefficients skipped (the matrices are constants, so the
-/// compiler folds them into the code).
+/// with fused multiply-adds. Zero coefficients are multiplied too: a branch on each cost more
+/// (the compiler does not fold the constant matrices into the loop).
 #[inline(always)]
 fn apply<const R: usize, const K: usize>(
     mat: &[[f32; K]; R],
