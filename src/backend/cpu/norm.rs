@@ -103,35 +103,35 @@ pub fn bias_gelu_forward(pixels: usize, c: usize, z: &mut [f32], bias: &[f32], a
     });
 }
 
-/// Per-channel pairs of sums over the rows of a `(rows, c)` tensor: `add_row(row, acc)` adds
-/// one row's terms to `acc (c)`. Rows are split into a fixed partition, summed in f64.
-fn channel_sums(rows: usize, c: usize, add_row: impl Fn(usize, &mut [[f64; 2]]) + Sync) -> Vec<[f64; 2]> {
-    let partials: Vec<Vec<[f64; 2]>> = fixed_groups(rows)
+/// Two per-channel sums over the rows of a `(rows, c)` tensor: `add_row(row, first, second)`
+/// adds one row's terms to `first (c)` and `second (c)` (separate arrays, so that the loop
+/// over channels vectorises). Rows are split into a fixed partition, summed in f64.
+fn channel_sums(rows: usize, c: usize, add_row: impl Fn(usize, &mut [f64], &mut [f64]) + Sync) -> [Vec<f64>; 2] {
+    let partials: Vec<[Vec<f64>; 2]> = fixed_groups(rows)
         .into_par_iter()
         .map(|rows| {
-            let mut acc = vec![[0.0f64; 2]; c];
-            rows.for_each(|r| add_row(r, &mut acc));
-            acc
+            let [mut first, mut second] = [vec![0.0f64; c], vec![0.0f64; c]];
+            rows.for_each(|r| add_row(r, &mut first, &mut second));
+            [first, second]
         })
         .collect();
-    let mut total = vec![[0.0f64; 2]; c];
+    let mut total = [vec![0.0f64; c], vec![0.0f64; c]];
     for p in &partials {
         for (t, v) in total.iter_mut().zip(p) {
-            t[0] += v[0];
-            t[1] += v[1];
+            t.iter_mut().zip(v).for_each(|(t, v)| *t += v);
         }
     }
     total
 }
 
 pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias: &mut [f32]) {
-    let sums = channel_sums(pixels, c, |r, acc| {
+    let [sums, _] = channel_sums(pixels, c, |r, acc, _| {
         for ch in 0..c {
-            acc[ch][0] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
+            acc[ch] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
         }
     });
     for (d, s) in dbias.iter_mut().zip(sums) {
-        *d = s[0] as f32;
+        *d = s as f32;
     }
 }
 
@@ -168,23 +168,26 @@ pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32])
     dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
         let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
         let dy = &dy[b * oh * ow * c..];
-        dx.fill(0.0); // also the rows and columns that floor pooling drops
-        let mut best = vec![0.0f32; c];
-        let mut arg = vec![0usize; c];
+        // the rows and columns that floor pooling drops
+        dx[oh * p * s.w * c..].fill(0.0);
+        for row in dx[..oh * p * s.w * c].chunks_exact_mut(s.w * c) {
+            row[ow * p * c..].fill(0.0);
+        }
+        let (mut best, mut arg) = (vec![0.0f32; c], vec![0u32; c]);
         for o in 0..oh * ow {
             let (oy, ox) = (o / ow, o % ow);
             let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
             best.fill(f32::NEG_INFINITY);
             for i in 0..p * p {
-                for ch in 0..c {
-                    if x[at(i) + ch] > best[ch] {
-                        best[ch] = x[at(i) + ch];
-                        arg[ch] = i;
-                    }
+                for ((best, arg), &x) in best.iter_mut().zip(&mut arg).zip(&x[at(i)..at(i) + c]) {
+                    (*best, *arg) = if x > *best { (x, i as u32) } else { (*best, *arg) };
                 }
             }
-            for ch in 0..c {
-                dx[at(arg[ch]) + ch] = dy[o * c + ch];
+            // every position of the window written, branch-free: the gradient or 0
+            for i in 0..p * p {
+                for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&dy[o * c..(o + 1) * c]) {
+                    *dx = if arg == i as u32 { dy } else { 0.0 };
+                }
             }
         }
     });
@@ -204,25 +207,32 @@ pub fn pool_bn_act_forward(
 ) {
     let c = s.c;
     let rows = s.n * s.out_h() * s.out_w();
-    max_pool(s, y, z);
+    // Without pooling BatchNorm reads y itself, and the normalising pass copies each chunk of
+    // y into z while it is in cache, instead of a separate copy of the whole tensor.
+    let pooled: &[f32] = if s.pool > 1 {
+        max_pool(s, y, z);
+        z
+    } else {
+        y
+    };
     let (mean, istd) = saved[..2 * c].split_at_mut(c);
     match mode {
         BnMode::Train { momentum, eps } => {
-            let zs = &*z;
-            let sums = channel_sums(rows, c, |r, acc| {
+            let zs = pooled;
+            let [sums, _] = channel_sums(rows, c, |r, acc, _| {
                 for ch in 0..c {
-                    acc[ch][0] += zs[r * c + ch] as f64;
+                    acc[ch] += zs[r * c + ch] as f64;
                 }
             });
-            let mu: Vec<f64> = sums.iter().map(|s| s[0] / rows as f64).collect();
-            let sq = channel_sums(rows, c, |r, acc| {
+            let mu: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
+            let [sq, _] = channel_sums(rows, c, |r, acc, _| {
                 for ch in 0..c {
-                    acc[ch][0] += (zs[r * c + ch] as f64 - mu[ch]).powi(2);
+                    acc[ch] += (zs[r * c + ch] as f64 - mu[ch]).powi(2);
                 }
             });
             let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
             for ch in 0..c {
-                let var = sq[ch][0] / rows as f64;
+                let var = sq[ch] / rows as f64;
                 let unbiased = var * rows as f64 / (rows as f64 - 1.0).max(1.0);
                 mean[ch] = mu[ch] as f32;
                 istd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
@@ -239,7 +249,11 @@ pub fn pool_bn_act_forward(
     }
     let (mean, istd) = (&*mean, &*istd);
     let chunk = rows_per_task(c) * c;
-    z[..rows * c].par_chunks_mut(chunk).zip(a[..rows * c].par_chunks_mut(chunk)).for_each(|(z, a)| {
+    let zay = z[..rows * c].par_chunks_mut(chunk).zip(a[..rows * c].par_chunks_mut(chunk)).zip(y[..rows * c].par_chunks(chunk));
+    zay.for_each(|((z, a), y)| {
+        if s.pool == 1 {
+            z.copy_from_slice(y);
+        }
         for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
             for ch in 0..c {
                 z[ch] = (z[ch] - mean[ch]) * istd[ch] + beta[ch];
@@ -273,28 +287,35 @@ pub fn pool_bn_act_backward(
     });
     // With γ = 1 and x̂ = z − β: Σdz is dβ, and Σdz·x̂ projects out the variance direction.
     let dz = &*da;
-    let sums = channel_sums(rows, c, |r, acc| {
+    let [sum_dz, sum_dzx] = channel_sums(rows, c, |r, sum_dz, sum_dzx| {
         for ch in 0..c {
             let (d, xhat) = (dz[r * c + ch], z[r * c + ch] - beta[ch]);
-            acc[ch][0] += d as f64;
-            acc[ch][1] += (d * xhat) as f64;
+            sum_dz[ch] += d as f64;
+            sum_dzx[ch] += (d * xhat) as f64;
         }
     });
-    let mean_dz: Vec<f32> = sums.iter().map(|s| (s[0] / rows as f64) as f32).collect();
-    let mean_dzx: Vec<f32> = sums.iter().map(|s| (s[1] / rows as f64) as f32).collect();
-    for (d, s) in dbeta.iter_mut().zip(&sums) {
-        *d = s[0] as f32;
+    let mean_dz: Vec<f32> = sum_dz.iter().map(|s| (s / rows as f64) as f32).collect();
+    let mean_dzx: Vec<f32> = sum_dzx.iter().map(|s| (s / rows as f64) as f32).collect();
+    for (d, s) in dbeta.iter_mut().zip(&sum_dz) {
+        *d = *s as f32;
     }
-    // da ← d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂))
-    da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).for_each(|(d, z)| {
+    // da ← d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂)); without pooling that is dy,
+    // copied chunk by chunk while in cache.
+    let daz = da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).zip(dy[..rows * c].par_chunks_mut(chunk));
+    daz.for_each(|((d, z), dy)| {
         for (d, z) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
             for ch in 0..c {
                 let xhat = z[ch] - beta[ch];
                 d[ch] = istd[ch] * (d[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
             }
         }
+        if s.pool == 1 {
+            dy.copy_from_slice(d);
+        }
     });
-    max_pool_backward(s, y, da, dy);
+    if s.pool > 1 {
+        max_pool_backward(s, y, da, dy);
+    }
 }
 
 #[cfg(test)]
