@@ -218,16 +218,15 @@ pub fn pool_bn_act_forward(
     let (mean, istd) = saved[..2 * c].split_at_mut(c);
     match mode {
         BnMode::Train { momentum, eps } => {
-            let zs = pooled;
             let [sums, _] = channel_sums(rows, c, |r, acc, _| {
                 for ch in 0..c {
-                    acc[ch] += zs[r * c + ch] as f64;
+                    acc[ch] += pooled[r * c + ch] as f64;
                 }
             });
             let mu: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
             let [sq, _] = channel_sums(rows, c, |r, acc, _| {
                 for ch in 0..c {
-                    acc[ch] += (zs[r * c + ch] as f64 - mu[ch]).powi(2);
+                    acc[ch] += (pooled[r * c + ch] as f64 - mu[ch]).powi(2);
                 }
             });
             let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
