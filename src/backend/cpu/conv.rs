@@ -1,15 +1,16 @@
-//! Convolutions on the CPU. The training forward is direct: im2col of a few images at a time
-//! (so the patch matrix stays in cache) and an SGEMM from `matrixmultiply`, parallel over
-//! image chunks; it rounds the same way at every pixel, which keeps max-pool ties as exact as
+//! Convolutions on the CPU. The training forward is direct: per chunk of images, a GEMM
+//! (`gemm.rs`) that reads each output pixel's patch in place in the zero-padded images, parallel
+//! over chunks; it rounds the same way at every pixel, which keeps max-pool ties as exact as
 //! in the float64 reference (`Backend::conv_forward_inference`). The inference forward and
 //! both gradients of the 3×3 convs run Winograd F(4×4, 3×3) (`winograd.rs`: a quarter of
-//! the multiplies).
+//! the multiplies); other filter sizes' weight gradient is im2col + `matrixmultiply`'s SGEMM.
 
+use super::gemm::{gemm, Lhs, Segment};
 use super::{fixed_groups, winograd, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
 
-/// Rows (output pixels) of the patch matrix built per GEMM call.
+/// Output pixels per chunk: per GEMM call of the forward, per im2col of the weight gradient.
 const ROWS_PER_CHUNK: usize = 1024;
 
 fn images_per_chunk(s: &ConvShape) -> usize {
@@ -81,18 +82,45 @@ pub(super) fn sgemm(
     }
 }
 
-/// `y (n, oh, ow, c_out) = x (n, h, w, c_in) ⊛ w (c_out, k, k, c_in)`.
+/// Images `b0..b0+count` of `x` with `pad` zeros around each: `(count, h + 2·pad, w + 2·pad, c_in)`.
+fn pad_images(s: &ConvShape, x: &[f32], b0: usize, count: usize, padded: &mut Vec<f32>) {
+    let (c, p) = (s.c_in, s.pad);
+    let (hp, wp) = (s.h + 2 * p, s.w + 2 * p);
+    padded.resize(count * hp * wp * c, 0.0);
+    for (b, dst) in padded.chunks_exact_mut(hp * wp * c).enumerate() {
+        let image = &x[(b0 + b) * s.h * s.w * c..(b0 + b + 1) * s.h * s.w * c];
+        let (top, rest) = dst.split_at_mut(p * wp * c);
+        top.fill(0.0);
+        let (middle, bottom) = rest.split_at_mut(s.h * wp * c);
+        bottom.fill(0.0);
+        for (row, src) in middle.chunks_exact_mut(wp * c).zip(image.chunks_exact(s.w * c)) {
+            row[..p * c].fill(0.0);
+            row[p * c..(p + s.w) * c].copy_from_slice(src);
+            row[(p + s.w) * c..].fill(0.0);
+        }
+    }
+}
+
+/// `y (n, oh, ow, c_out) = x (n, h, w, c_in) ⊛ w (c_out, k, k, c_in)`: per chunk of images, a
+/// GEMM whose A rows are the patches read in place in the zero-padded images (each filter row
+/// ky a contiguous run of k·c_in floats) and whose B is `w` transposed.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
-    let per_image = s.out_h() * s.out_w();
+    let (oh, ow, k, c) = (s.out_h(), s.out_w(), s.k, s.c_in);
+    let (hp, wp) = (s.h + 2 * s.pad, s.w + 2 * s.pad);
+    let kdim = k * k * c;
+    let mut wt = vec![0.0f32; kdim * s.c_out]; // (k, k, c_in, c_out)
+    for (o, filter) in w[..s.c_out * kdim].chunks_exact(kdim).enumerate() {
+        filter.iter().enumerate().for_each(|(i, &v)| wt[i * s.c_out + o] = v);
+    }
+    let segments: Vec<Segment> = (0..k).map(|ky| Segment { offset: ky * wp * c, len: k * c }).collect();
     let ipc = images_per_chunk(s);
-    let kdim = s.k * s.k * s.c_in;
-    y[..s.n * per_image * s.c_out].par_chunks_mut(ipc * per_image * s.c_out).enumerate().for_each(|(chunk, y)| {
-        let count = y.len() / (per_image * s.c_out);
-        THREAD_SCRATCH.with_borrow_mut(|col| {
-            col.resize(count * per_image * kdim, 0.0);
-            im2col(s, x, chunk * ipc, count, col);
-            // y = col · wᵀ: wᵀ is w read with strides (1, kdim).
-            sgemm(count * per_image, kdim, s.c_out, 1.0, col, (kdim, 1), w, (1, kdim), 0.0, y);
+    y[..s.n * oh * ow * s.c_out].par_chunks_mut(ipc * oh * ow * s.c_out).enumerate().for_each(|(chunk, y)| {
+        let count = y.len() / (oh * ow * s.c_out);
+        THREAD_SCRATCH.with_borrow_mut(|padded| {
+            pad_images(s, x, chunk * ipc, count, padded);
+            let row = |r: usize| ((r / (oh * ow) * hp + r % (oh * ow) / ow) * wp + r % ow) * c;
+            let patches = Lhs { data: padded, row, segments: &segments, step: 1 };
+            gemm(count * oh * ow, s.c_out, &patches, &wt, s.c_out, y, false);
         });
     });
 }

@@ -3,10 +3,10 @@
 //! multiply-adds, so the GEMMs — one per tile element ξ, over all tiles of a chunk — do a
 //! quarter of im2col's work. The transforms are separable (a matrix from the left, then one
 //! from the right) and run over whole channel vectors (NHWC keeps them contiguous); the GEMMs
-//! are `matrixmultiply`'s; every sum has a fixed order, so the result is deterministic
+//! are `gemm.rs`'s; every sum has a fixed order, so the result is deterministic
 //! whatever the thread count.
 
-use super::conv::sgemm;
+use super::gemm::{gemm, Lhs, Segment};
 use super::{fixed_groups, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
@@ -244,8 +244,8 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             transform_input(s, x, chunk * ipc, count, v);
             for xi in 0..AA {
                 // m[ξ] (t, c_out) = v[ξ] (t, c_in) · u[ξ] (c_in, c_out)
-                let (v, u) = (&v[xi * t * s.c_in..], &u[xi * s.c_in * s.c_out..]);
-                sgemm(t, s.c_in, s.c_out, 1.0, v, (s.c_in, 1), u, (s.c_out, 1), 0.0, &mut m[xi * t * s.c_out..]);
+                let v = Lhs { data: &v[xi * t * s.c_in..], row: |i| i * s.c_in, segments: &[Segment { offset: 0, len: s.c_in }], step: 1 };
+                gemm(t, s.c_out, &v, &u[xi * s.c_in * s.c_out..], s.c_out, &mut m[xi * t * s.c_out..], false);
             }
             transform_output(s, m, count, y);
         });
@@ -294,11 +294,10 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     let (v, dm) = scratch.split_at_mut(AA * t * cin); // (AA, t, c_in), (AA, t, c_out)
                     transform_input(s, x, b0, count, v);
                     transform_output_grad(s, dy, b0, count, dm);
-                    let beta = if b0 == images.start { 0.0 } else { 1.0 };
                     for xi in 0..AA {
-                        // du[ξ] (c_out, c_in) (+)= dm[ξ]ᵀ · v[ξ]: dm[ξ] (t, c_out) read with strides (1, c_out).
-                        let (dm, v) = (&dm[xi * t * cout..], &v[xi * t * cin..]);
-                        sgemm(cout, t, cin, 1.0, dm, (1, cout), v, (cin, 1), beta, &mut du[xi * lanes..]);
+                        // du[ξ] (c_out, c_in) (+)= dm[ξ]ᵀ · v[ξ]: row o of dm[ξ]ᵀ is column o of dm[ξ] (t, c_out).
+                        let dm_t = Lhs { data: &dm[xi * t * cout..], row: |o| o, segments: &[Segment { offset: 0, len: t }], step: cout };
+                        gemm(cout, cin, &dm_t, &v[xi * t * cin..], cin, &mut du[xi * lanes..], b0 != images.start);
                     }
                 }
                 // dw[o] (3, 3, c_in) = Gᵀ du[·, o] G

@@ -1,0 +1,255 @@
+//! The convolutions' GEMM, `C (m, n) (+)= A (m, k) · B (k, n)`, without packing: a register
+//! tile of C (`MR` rows × `NR` columns) is a chain of fused multiply-adds that reads A where it
+//! lies — rows anywhere in memory, elements at a fixed step: the pixels of a padded image
+//! (the direct convolution without im2col), Winograd's transformed tiles, a transposed
+//! matrix — and B as `NR` contiguous floats per row. A general SGEMM copies both operands
+//! into panels on every call; here B is each call's filter, laid out once by the caller, and
+//! A needs no copy at all.
+//!
+//! Rounding: each element of C is one chain of fused multiply-adds over k ascending, restarted
+//! every `KC` products and added to C (`C = s₀`, `C = C + s₁`, …), at every position of C,
+//! whatever the tile, the thread count or the instruction set. Equal patches so give equal
+//! outputs (the max-pools' ties), and the results are bitwise those of `matrixmultiply` (the
+//! same chains and the same `KC`), which this replaced for the convolutions.
+
+use std::ptr;
+
+/// Products per chain before it is added to C (`matrixmultiply`'s KC: the same rounding).
+const KC: usize = 256;
+/// Rows of A per block: with one `KC` slice of them (~96 KiB at KC floats a row) they stay in
+/// the L2 cache while every column tile of B runs over them.
+const ROW_BLOCK: usize = 96;
+
+/// A run of consecutive k whose elements lie at `offset + j·step` from a row's start.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// The left operand: element (i, k) of A is `data[row(i) + segment.offset + j·step]`, where k
+/// is the j-th element of `segment` and the segments follow each other along k.
+pub struct Lhs<'a, F: Fn(usize) -> usize> {
+    pub data: &'a [f32],
+    pub row: F,
+    pub segments: &'a [Segment],
+    pub step: usize,
+}
+
+/// `C (m, n) = A · B`, or `C += A · B` when `accumulate`; B (k, n) is row-major with `ldb`
+/// floats between rows, C row-major without gaps (`n` floats a row).
+pub fn gemm<F: Fn(usize) -> usize>(m: usize, n: usize, a: &Lhs<F>, b: &[f32], ldb: usize, c: &mut [f32], accumulate: bool) {
+    let k: usize = a.segments.iter().map(|s| s.len).sum();
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(k > 0 && a.segments.iter().all(|s| s.len > 0), "gemm: empty reduction");
+    assert!(c.len() >= m * n && b.len() >= (k - 1) * ldb + n && ldb >= n, "gemm: B or C too short");
+    // The farthest element of A from a row's start; every row is checked against it below.
+    let reach = a.segments.iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
+    assert!((0..m).all(|i| (a.row)(i) + reach < a.data.len()), "gemm: A's rows overrun its data");
+    // SAFETY: the asserts above keep every read of A and B and every write of C in bounds.
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return blocked_avx512(m, n, k, a, b, ldb, c, accumulate);
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return blocked_avx2(m, n, k, a, b, ldb, c, accumulate);
+            }
+        }
+        blocked::<8, 8, F>(m, n, k, a, b, ldb, c, accumulate)
+    }
+}
+
+/// 8 × 32: sixteen 512-bit accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked_avx512<F: Fn(usize) -> usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Lhs<F>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    blocked::<8, 32, F>(m, n, k, a, b, ldb, c, accumulate)
+}
+
+/// 6 × 16: twelve 256-bit accumulators of the sixteen registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked_avx2<F: Fn(usize) -> usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Lhs<F>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    blocked::<6, 16, F>(m, n, k, a, b, ldb, c, accumulate)
+}
+
+/// Blocks of `ROW_BLOCK` rows; in each, slices of `KC` along k; in each, every column tile of
+/// B over every row tile. Columns past the last full tile come from a zero-padded copy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &Lhs<F>,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    let full = n / NR * NR;
+    let mut tail = vec![0.0f32; if full < n { k * NR } else { 0 }]; // (k, NR)
+    for (row, dst) in tail.chunks_exact_mut(NR).enumerate() {
+        dst[..n - full].copy_from_slice(&b[row * ldb + full..row * ldb + n]);
+    }
+    let data = a.data.as_ptr();
+    let mut pieces = Vec::with_capacity(a.segments.len());
+    for r0 in (0..m).step_by(ROW_BLOCK) {
+        let rows_here = ROW_BLOCK.min(m - r0);
+        // Row starts per tile; a last tile short of MR rows repeats its last row (not stored).
+        let tiles: Vec<[*const f32; MR]> =
+            (0..rows_here.div_ceil(MR)).map(|t| std::array::from_fn(|i| data.add((a.row)(r0 + (t * MR + i).min(rows_here - 1))))).collect();
+        for k0 in (0..k).step_by(KC) {
+            slice_pieces(a, k0..(k0 + KC).min(k), &mut pieces);
+            let first = k0 == 0 && !accumulate;
+            for j0 in (0..n).step_by(NR) {
+                let (b_at, b_step) = if j0 < full { (b.as_ptr().add(k0 * ldb + j0), ldb) } else { (tail.as_ptr().add(k0 * NR), NR) };
+                for (t, rows) in tiles.iter().enumerate() {
+                    let (i0, cols) = (r0 + t * MR, NR.min(n - j0));
+                    let out = c.as_mut_ptr().add(i0 * n + j0);
+                    tile::<MR, NR>(rows, &pieces, a.step, b_at, b_step, out, n, MR.min(m - i0), cols, first);
+                }
+            }
+        }
+    }
+}
+
+/// The parts of A's segments inside the k range `ks`: (offset from a row's start, length).
+fn slice_pieces<F: Fn(usize) -> usize>(a: &Lhs<F>, ks: std::ops::Range<usize>, pieces: &mut Vec<(usize, usize)>) {
+    pieces.clear();
+    let mut start = 0;
+    for s in a.segments {
+        let (lo, hi) = (ks.start.max(start), ks.end.min(start + s.len));
+        if lo < hi {
+            pieces.push((s.offset + (lo - start) * a.step, hi - lo));
+        }
+        start += s.len;
+    }
+}
+
+/// One register tile: `acc (MR, NR) = Σ_k A[rows, k] · B[k, 0..NR]` over `pieces`, then
+/// `C = acc` (`first`) or `C = C + acc`, for the top-left `m × n` of the tile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const MR: usize, const NR: usize>(
+    rows: &[*const f32; MR],
+    pieces: &[(usize, usize)],
+    step: usize,
+    mut b: *const f32,
+    ldb: usize,
+    c: *mut f32,
+    ldc: usize,
+    m: usize,
+    n: usize,
+    first: bool,
+) {
+    let mut acc = [[0.0f32; NR]; MR];
+    for &(offset, len) in pieces {
+        let mut at = offset;
+        for _ in 0..len {
+            let bk = ptr::read_unaligned(b as *const [f32; NR]);
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                let a = *row.add(at);
+                acc.iter_mut().zip(&bk).for_each(|(acc, &b)| *acc = a.mul_add(b, *acc));
+            }
+            at += step;
+            b = b.add(ldb);
+        }
+    }
+    if m == MR && n == NR {
+        store(&acc, c, ldc, MR, NR, first);
+    } else {
+        // Through memory: indexing the accumulators by run-time bounds would keep them there.
+        let spilled = acc;
+        store(&spilled, c, ldc, m, n, first);
+    }
+}
+
+#[inline(always)]
+unsafe fn store<const MR: usize, const NR: usize>(acc: &[[f32; NR]; MR], c: *mut f32, ldc: usize, m: usize, n: usize, first: bool) {
+    for (i, acc) in acc.iter().enumerate().take(m) {
+        let row = std::slice::from_raw_parts_mut(c.add(i * ldc), n);
+        if first {
+            row.copy_from_slice(&acc[..n]);
+        } else {
+            row.iter_mut().zip(acc).for_each(|(c, &s)| *c += s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::conv::sgemm;
+    use super::*;
+    use crate::rng::Rng;
+
+    /// Bitwise `matrixmultiply`'s results (the claim of the module's doc) over shapes with
+    /// partial row and column tiles, several KC slices, segments that cross them, rows read
+    /// in place with gaps, a transposed A, and accumulation — on this machine's instruction set.
+    #[test]
+    fn bitwise_matrixmultiply() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("fma") {
+            // matrixmultiply multiplies and adds separately there: other bits, by design.
+            eprintln!("bitwise_matrixmultiply: SKIPPED (no FMA on this CPU)");
+            return;
+        }
+        let mut rng = Rng::new(7);
+        for &(m, n, segs, step, accumulate) in &[
+            (37, 70, &[300usize][..], 1, false),
+            (200, 24, &[72, 72, 72][..], 1, true),
+            (9, 256, &[768, 768, 768][..], 1, false),
+            (50, 33, &[513][..], 3, true),
+        ] {
+            let k: usize = segs.iter().sum();
+            // Row i of A starts at 5·i·k (gaps between rows); segment s at 2·s·k·step.
+            let row = |i: usize| 5 * i * k * step;
+            let mut segments = Vec::new();
+            let mut offset = 0;
+            for &len in segs {
+                segments.push(Segment { offset, len });
+                offset += 2 * len * step;
+            }
+            let data: Vec<f32> = (0..row(m) + offset * 2 + 1).map(|_| rng.symmetric(1.0)).collect();
+            let lhs = Lhs { data: &data, row, segments: &segments, step };
+            let mut dense = Vec::with_capacity(m * k); // A gathered: (m, k)
+            for i in 0..m {
+                for s in &segments {
+                    dense.extend((0..s.len).map(|j| data[row(i) + s.offset + j * step]));
+                }
+            }
+            let ldb = n + 3;
+            let b: Vec<f32> = (0..k * ldb).map(|_| rng.symmetric(1.0)).collect();
+            let c0: Vec<f32> = (0..m * n).map(|_| rng.symmetric(4.0)).collect();
+            let (mut got, mut want) = (c0.clone(), c0);
+            gemm(m, n, &lhs, &b, ldb, &mut got, accumulate);
+            sgemm(m, k, n, 1.0, &dense, (k, 1), &b, (ldb, 1), if accumulate { 1.0 } else { 0.0 }, &mut want);
+            let differ = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+            assert_eq!(differ, 0, "{m}×{n}, k {k} (segments {segs:?}, step {step}): {differ} elements differ from matrixmultiply");
+        }
+    }
+}
