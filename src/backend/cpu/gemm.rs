@@ -245,11 +245,35 @@ mod tests {
             let ldb = n + 3;
             let b: Vec<f32> = (0..k * ldb).map(|_| rng.symmetric(1.0)).collect();
             let c0: Vec<f32> = (0..m * n).map(|_| rng.symmetric(4.0)).collect();
-            let (mut got, mut want) = (c0.clone(), c0);
-            gemm(m, n, &lhs, &b, ldb, &mut got, accumulate);
+            let mut want = c0.clone();
             sgemm(m, k, n, 1.0, &dense, (k, 1), &b, (ldb, 1), if accumulate { 1.0 } else { 0.0 }, &mut want);
-            let differ = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
-            assert_eq!(differ, 0, "{m}×{n}, k {k} (segments {segs:?}, step {step}): {differ} elements differ from matrixmultiply");
+            // `gemm`, then every tile shape this CPU can run, not only the one `gemm` picks.
+            let mut results = Vec::new();
+            let mut run = |name: &str, f: &dyn Fn(&mut [f32])| {
+                let mut got = c0.clone();
+                f(&mut got);
+                results.push((name.to_string(), got));
+            };
+            run("gemm", &|c| gemm(m, n, &lhs, &b, ldb, c, accumulate));
+            // SAFETY: the shapes fit (`gemm` checked them); each variant runs only where its instructions exist.
+            run("8×8", &|c| unsafe { blocked::<8, 8, _>(m, n, k, &lhs, &b, ldb, c, accumulate) });
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if has!("avx2") && has!("fma") {
+                    run("AVX2 6×16", &|c| unsafe { blocked_avx2(m, n, k, &lhs, &b, ldb, c, accumulate) });
+                }
+                if has!("avx512f") {
+                    run("AVX-512 8×32", &|c| unsafe { blocked_avx512(m, n, k, &lhs, &b, ldb, c, accumulate) });
+                }
+            }
+            for (name, got) in &results {
+                let differ = got.iter().zip(&want).filter(|(g, w)| g.to_bits() != w.to_bits()).count();
+                assert_eq!(
+                    differ, 0,
+                    "{name} {m}×{n}, k {k} (segments {segs:?}, step {step}): {differ} elements differ from matrixmultiply"
+                );
+            }
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The CPU backend: plain f32 Rust, NHWC, multi-threaded with rayon; convolutions as GEMMs
 //! (direct, or Winograd's for 3×3 filters). It is the readable reference every other backend
-//! is tested against, and it is deterministic: reductions use a fixed partition and order, whatever the threads.
+//! is tested against, and it is deterministic: reductions use a fixed partition and order,
+//! whatever the threads.
 
 mod conv;
 mod gemm;
