@@ -3,10 +3,10 @@
 //! over chunks; it rounds the same way at every pixel, which keeps max-pool ties as exact as
 //! in the float64 reference (`Backend::conv_forward_inference`). The inference forward and
 //! both gradients of the 3×3 convs run Winograd F(4×4, 3×3) (`winograd.rs`: a quarter of
-//! the multiplies); other filter sizes' weight gradient is im2col + `matrixmultiply`'s SGEMM.
+//! the multiplies); other filter sizes' weight gradient multiplies dy with an im2col matrix.
 
 use super::gemm::{gemm, Lhs, Segment};
-use super::{fixed_groups, winograd, THREAD_SCRATCH};
+use super::{fixed_groups, sum_in_order, winograd, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
 
@@ -42,43 +42,6 @@ fn im2col(s: &ConvShape, x: &[f32], b0: usize, count: usize, col: &mut [f32]) {
                 }
             }
         }
-    }
-}
-
-/// `C (m, n) = alpha·A (m, k)·B (k, n) + beta·C` with arbitrary strides for A and B.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn sgemm(
-    m: usize,
-    k: usize,
-    n: usize,
-    alpha: f32,
-    a: &[f32],
-    a_strides: (usize, usize),
-    b: &[f32],
-    b_strides: (usize, usize),
-    beta: f32,
-    c: &mut [f32],
-) {
-    let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(last(m, k, a_strides) < a.len() && last(k, n, b_strides) < b.len() && m * n <= c.len());
-    // SAFETY: the asserts above keep every index of A, B and C inside its slice.
-    unsafe {
-        matrixmultiply::sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            a_strides.0 as isize,
-            a_strides.1 as isize,
-            b.as_ptr(),
-            b_strides.0 as isize,
-            b_strides.1 as isize,
-            beta,
-            c.as_mut_ptr(),
-            n as isize,
-            1,
-        );
     }
 }
 
@@ -171,16 +134,13 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     col.resize(rows * kdim, 0.0);
                     im2col(s, x, b0, count, col);
                     let dy = &dy[b0 * per_image * s.c_out..(b0 + count) * per_image * s.c_out];
-                    // acc += dyᵀ · col: dyᵀ is dy (rows, c_out) read with strides (1, c_out).
-                    sgemm(s.c_out, rows, kdim, 1.0, dy, (1, s.c_out), col, (kdim, 1), 1.0, &mut acc);
+                    // acc += dyᵀ · col: row o of dyᵀ is column o of dy (rows, c_out).
+                    let dy_t = Lhs { data: dy, row: |o| o, segments: &[Segment { offset: 0, len: rows }], step: s.c_out };
+                    gemm(s.c_out, kdim, &dy_t, col, kdim, &mut acc, true);
                 }
             });
             acc
         })
         .collect();
-    let dw = &mut dw[..s.c_out * kdim];
-    dw.fill(0.0);
-    for partial in &partials {
-        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
-    }
+    sum_in_order(&partials, &mut dw[..s.c_out * kdim]);
 }

@@ -10,7 +10,9 @@
 //! every `KC` products and added to C (`C = s₀`, `C = C + s₁`, …), at every position of C,
 //! whatever the tile, the thread count or the instruction set. Equal patches so give equal
 //! outputs (the max-pools' ties), and the results are bitwise those of `matrixmultiply` (the
-//! same chains and the same `KC`), which this replaced for the convolutions.
+//! same chains and the same `KC`), which this replaced for the convolutions. `sgemm` at the
+//! end is `matrixmultiply`'s general SGEMM, for the products whose operands come with any
+//! strides (the linear layers, Muon).
 
 use std::ptr;
 
@@ -201,9 +203,46 @@ unsafe fn store<const MR: usize, const NR: usize>(acc: &[[f32; NR]; MR], c: *mut
     }
 }
 
+/// `C (m, n) = alpha·A (m, k)·B (k, n) + beta·C` with arbitrary strides for A and B: the
+/// general SGEMM of `matrixmultiply` (packing both operands), for the linear layers and Muon.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+) {
+    let last = |rows: usize, cols: usize, (rs, cs): (usize, usize)| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, k, a_strides) < a.len() && last(k, n, b_strides) < b.len() && m * n <= c.len());
+    // SAFETY: the asserts above keep every index of A, B and C inside its slice.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            a_strides.0 as isize,
+            a_strides.1 as isize,
+            b.as_ptr(),
+            b_strides.0 as isize,
+            b_strides.1 as isize,
+            beta,
+            c.as_mut_ptr(),
+            n as isize,
+            1,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::conv::sgemm;
     use super::*;
     use crate::rng::Rng;
 

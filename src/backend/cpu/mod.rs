@@ -28,6 +28,18 @@ fn fixed_groups(n: usize) -> Vec<Range<usize>> {
     (0..groups).map(|g| g * n / groups..(g + 1) * n / groups).filter(|r| !r.is_empty()).collect()
 }
 
+/// `out = Σ partials`, added in their order at every element (parallel over elements: the
+/// same sums whatever the threads).
+fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK).enumerate().for_each(|(i, out)| {
+        out.fill(0.0);
+        for partial in partials {
+            out.iter_mut().zip(&partial[i * CHUNK..]).for_each(|(o, &p)| *o += p);
+        }
+    });
+}
+
 #[derive(Default)]
 pub struct Cpu;
 
@@ -344,6 +356,6 @@ impl Backend for Cpu {
     ) {
         // b (k, n) has strides (n, 1); stored (n, k) and transposed, (1, k).
         let b_strides = if b_transposed { (1, k) } else { (n, 1) };
-        conv::sgemm(m, k, n, alpha, window(&a), (k, 1), window(&b), b_strides, beta, window_mut(&mut c));
+        gemm::sgemm(m, k, n, alpha, window(&a), (k, 1), window(&b), b_strides, beta, window_mut(&mut c));
     }
 }

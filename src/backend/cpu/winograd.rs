@@ -7,7 +7,7 @@
 //! whatever the thread count.
 
 use super::gemm::{gemm, Lhs, Segment};
-use super::{fixed_groups, THREAD_SCRATCH};
+use super::{fixed_groups, sum_in_order, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
 
@@ -309,9 +309,5 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
             partial
         })
         .collect();
-    let dw = &mut dw[..s.c_out * 9 * s.c_in];
-    dw.fill(0.0);
-    for partial in &partials {
-        dw.iter_mut().zip(partial).for_each(|(d, p)| *d += p);
-    }
+    sum_in_order(&partials, &mut dw[..s.c_out * 9 * s.c_in]);
 }
