@@ -1,10 +1,10 @@
 //! Winograd F(4×4, 3×3) for the 3×3 convolutions (Lavin & Gray, 2015): each 4×4 block of
 //! outputs comes from a 6×6 input tile through 36 element-wise products instead of 144
 //! multiply-adds, so the GEMMs — one per tile element ξ, over all tiles of a chunk — do a
-//! quarter of im2col's work. The transforms are separable (a matrix from the left, then one
-//! from the right) and run over whole channel vectors (NHWC keeps them contiguous); the GEMMs
-//! are `gemm.rs`'s; every sum has a fixed order, so the result is deterministic
-//! whatever the thread count.
+//! quarter of a direct convolution's work. The transforms are separable (a matrix from the
+//! left, then one from the right) and run over whole channel vectors (NHWC keeps them
+//! contiguous); the GEMMs are `gemm.rs`'s; every sum has a fixed order, so the result is
+//! deterministic whatever the thread count.
 
 use super::gemm::{gemm, Lhs, Segment};
 use super::{fixed_groups, sum_in_order, THREAD_SCRATCH};
@@ -16,10 +16,12 @@ const M: usize = 4;
 /// Inputs per tile side (M + 3 − 1), and the number of tile elements ξ.
 const A: usize = 6;
 const AA: usize = A * A;
-/// Tiles per GEMM: enough rows to amortise packing, few enough to stay in cache.
+/// Tiles per GEMM: enough rows per call, few enough that a chunk's tiles stay in cache
+/// (64 and 256 measured within the run-to-run noise of 128).
 const TILES_PER_CHUNK: usize = 128;
 /// Tiles per weight-gradient GEMM, whose reduction runs over tiles: longer, so that each
-/// call's (c_out, c_in) result is read and written fewer times.
+/// call's (c_out, c_in) result is read and written fewer times. It sets where the sums over
+/// tiles restart, so it is part of the rounding (a multiple of 256 keeps today's bits).
 const TILES_PER_WGRAD_CHUNK: usize = 256;
 
 // The transforms of F(4, 3) from the interpolation points 0, 1, −1, 2, −1/2 and ∞ (Toom–Cook,
