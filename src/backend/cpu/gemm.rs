@@ -185,7 +185,8 @@ unsafe fn tile<const MR: usize, const NR: usize>(
     if m == MR && n == NR {
         store(&acc, c, ldc, MR, NR, first);
     } else {
-        // Through memory: indexing the accumulators by run-time bounds would keep them there.
+        // Through a copy: indexing the accumulators themselves by run-time bounds would keep
+        // them in memory through the whole loop above.
         let spilled = acc;
         store(&spilled, c, ldc, m, n, first);
     }
@@ -248,7 +249,7 @@ mod tests {
 
     /// Bitwise `matrixmultiply`'s results (the claim of the module's doc) over shapes with
     /// partial row and column tiles, several KC slices, segments that cross them, rows read
-    /// in place with gaps, a transposed A, and accumulation — on this machine's instruction set.
+    /// in place with gaps, a transposed A, and accumulation — for every tile shape this CPU runs.
     #[test]
     fn bitwise_matrixmultiply() {
         #[cfg(target_arch = "x86_64")]
