@@ -34,8 +34,30 @@ pub struct Segment {
 pub struct Lhs<'a, F: Fn(usize) -> usize> {
     pub data: &'a [f32],
     pub row: F,
-    pub segments: &'a [Segment],
+    pub segments: Vec<Segment>,
     pub step: usize,
+}
+
+/// A (m, k) row-major in `data`, row i at `i·ld`.
+pub fn row_major(data: &[f32], k: usize, ld: usize) -> Lhs<'_, impl Fn(usize) -> usize> {
+    Lhs { data, row: move |i| i * ld, segments: vec![Segment { offset: 0, len: k }], step: 1 }
+}
+
+/// A = Dᵀ for a row-major D (k, m) in `data` with `ld` floats a row: row i of A is column i
+/// of D.
+pub fn transposed(data: &[f32], k: usize, ld: usize) -> Lhs<'_, impl Fn(usize) -> usize> {
+    Lhs { data, row: |i| i, segments: vec![Segment { offset: 0, len: k }], step: ld }
+}
+
+/// One product's operands as the blocked loops read them (C aside).
+struct Product<'a, F: Fn(usize) -> usize> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'a Lhs<'a, F>,
+    b: &'a [f32],
+    ldb: usize,
+    accumulate: bool,
 }
 
 /// `C (m, n) = A · B`, or `C += A · B` when `accumulate`; B (k, n) is row-major with `ldb`
@@ -50,69 +72,41 @@ pub fn gemm<F: Fn(usize) -> usize>(m: usize, n: usize, a: &Lhs<F>, b: &[f32], ld
     // The farthest element of A from a row's start; every row is checked against it below.
     let reach = a.segments.iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
     assert!((0..m).all(|i| (a.row)(i) + reach < a.data.len()), "gemm: A's rows overrun its data");
+    let p = Product { m, n, k, a, b, ldb, accumulate };
     // SAFETY: the asserts above keep every read of A and B and every write of C in bounds.
     unsafe {
         #[cfg(target_arch = "x86_64")]
         {
             if std::arch::is_x86_feature_detected!("avx512f") {
-                return blocked_avx512(m, n, k, a, b, ldb, c, accumulate);
+                return blocked_avx512(&p, c);
             }
             if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return blocked_avx2(m, n, k, a, b, ldb, c, accumulate);
+                return blocked_avx2(&p, c);
             }
         }
-        blocked::<8, 8, F>(m, n, k, a, b, ldb, c, accumulate)
+        blocked::<8, 8, F>(&p, c)
     }
 }
 
 /// 8 × 32: sixteen 512-bit accumulators.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocked_avx512<F: Fn(usize) -> usize>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &Lhs<F>,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    blocked::<8, 32, F>(m, n, k, a, b, ldb, c, accumulate)
+unsafe fn blocked_avx512<F: Fn(usize) -> usize>(p: &Product<F>, c: &mut [f32]) {
+    blocked::<8, 32, F>(p, c)
 }
 
 /// 6 × 16: twelve 256-bit accumulators of the sixteen registers.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocked_avx2<F: Fn(usize) -> usize>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &Lhs<F>,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
-    blocked::<6, 16, F>(m, n, k, a, b, ldb, c, accumulate)
+unsafe fn blocked_avx2<F: Fn(usize) -> usize>(p: &Product<F>, c: &mut [f32]) {
+    blocked::<6, 16, F>(p, c)
 }
 
 /// Blocks of `ROW_BLOCK` rows; in each, slices of `KC` along k; in each, every column tile of
 /// B over every row tile. Columns past the last full tile come from a zero-padded copy.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &Lhs<F>,
-    b: &[f32],
-    ldb: usize,
-    c: &mut [f32],
-    accumulate: bool,
-) {
+unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(p: &Product<F>, c: &mut [f32]) {
+    let Product { m, n, k, a, b, ldb, accumulate } = *p;
     let full = n / NR * NR;
     let mut tail = vec![0.0f32; if full < n { k * NR } else { 0 }]; // (k, NR)
     for (row, dst) in tail.chunks_exact_mut(NR).enumerate() {
@@ -144,7 +138,7 @@ unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(
 fn slice_pieces<F: Fn(usize) -> usize>(a: &Lhs<F>, ks: std::ops::Range<usize>, pieces: &mut Vec<(usize, usize)>) {
     pieces.clear();
     let mut start = 0;
-    for s in a.segments {
+    for s in &a.segments {
         let (lo, hi) = (ks.start.max(start), ks.end.min(start + s.len));
         if lo < hi {
             pieces.push((s.offset + (lo - start) * a.step, hi - lo));
@@ -275,7 +269,7 @@ mod tests {
                 offset += 2 * len * step;
             }
             let data: Vec<f32> = (0..row(m) + offset * 2 + 1).map(|_| rng.symmetric(1.0)).collect();
-            let lhs = Lhs { data: &data, row, segments: &segments, step };
+            let lhs = Lhs { data: &data, row, segments: segments.clone(), step };
             let mut dense = Vec::with_capacity(m * k); // A gathered: (m, k)
             for i in 0..m {
                 for s in &segments {
@@ -296,15 +290,16 @@ mod tests {
             };
             run("gemm", &|c| gemm(m, n, &lhs, &b, ldb, c, accumulate));
             // SAFETY: the shapes fit (`gemm` checked them); each variant runs only where its instructions exist.
-            run("8×8", &|c| unsafe { blocked::<8, 8, _>(m, n, k, &lhs, &b, ldb, c, accumulate) });
+            let p = Product { m, n, k, a: &lhs, b: &b, ldb, accumulate };
+            run("8×8", &|c| unsafe { blocked::<8, 8, _>(&p, c) });
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
                 if has!("avx2") && has!("fma") {
-                    run("AVX2 6×16", &|c| unsafe { blocked_avx2(m, n, k, &lhs, &b, ldb, c, accumulate) });
+                    run("AVX2 6×16", &|c| unsafe { blocked_avx2(&p, c) });
                 }
                 if has!("avx512f") {
-                    run("AVX-512 8×32", &|c| unsafe { blocked_avx512(m, n, k, &lhs, &b, ldb, c, accumulate) });
+                    run("AVX-512 8×32", &|c| unsafe { blocked_avx512(&p, c) });
                 }
             }
             for (name, got) in &results {

@@ -6,7 +6,7 @@
 //! contiguous); the GEMMs are `gemm.rs`'s; every sum has a fixed order, so the result is
 //! deterministic whatever the thread count.
 
-use super::gemm::{gemm, Lhs, Segment};
+use super::gemm::{gemm, row_major, transposed};
 use super::{fixed_groups, sum_in_order, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
@@ -246,7 +246,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             transform_input(s, x, chunk * ipc, count, v);
             for xi in 0..AA {
                 // m[ξ] (t, c_out) = v[ξ] (t, c_in) · u[ξ] (c_in, c_out)
-                let v = Lhs { data: &v[xi * t * s.c_in..], row: |i| i * s.c_in, segments: &[Segment { offset: 0, len: s.c_in }], step: 1 };
+                let v = row_major(&v[xi * t * s.c_in..], s.c_in, s.c_in);
                 gemm(t, s.c_out, &v, &u[xi * s.c_in * s.c_out..], s.c_out, &mut m[xi * t * s.c_out..], false);
             }
             transform_output(s, m, count, y);
@@ -298,7 +298,7 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     transform_output_grad(s, dy, b0, count, dm);
                     for xi in 0..AA {
                         // du[ξ] (c_out, c_in) (+)= dm[ξ]ᵀ · v[ξ]: row o of dm[ξ]ᵀ is column o of dm[ξ] (t, c_out).
-                        let dm_t = Lhs { data: &dm[xi * t * cout..], row: |o| o, segments: &[Segment { offset: 0, len: t }], step: cout };
+                        let dm_t = transposed(&dm[xi * t * cout..], t, cout);
                         gemm(cout, cin, &dm_t, &v[xi * t * cin..], cin, &mut du[xi * lanes..], b0 != images.start);
                     }
                 }
