@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use speedrun::backend::cuda::{self, Cuda};
 #[cfg(feature = "wgpu")]
 use speedrun::backend::wgpu::{self as webgpu, Wgpu};
-use speedrun::backend::{block_on, cpu::Cpu, Backend};
+use speedrun::backend::{block_on, cpu::Cpu, Backend, Precision};
 use speedrun::data::{self, Split, CLASS_NAMES};
 use speedrun::model::Net;
 use speedrun::run::{argmax, run as train_run, EpochLog, Event, Flow, RunResult};
@@ -173,6 +173,10 @@ struct RecipeArgs {
     /// Block widths (default 64,256,256).
     #[arg(long, value_parser = parse_widths)]
     widths: Option<[usize; 3]>,
+    /// Storage of activations and their gradients: f32, or half (f16 storage, f32 math;
+    /// on the CPU backend an emulation, for checking what half precision does to accuracy).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    precision: Precision,
 }
 
 impl RecipeArgs {
@@ -183,6 +187,7 @@ impl RecipeArgs {
         cfg.batch_size = self.batch_size.unwrap_or(cfg.batch_size);
         cfg.lr = self.lr.unwrap_or(cfg.lr);
         cfg.widths = self.widths.unwrap_or(cfg.widths);
+        cfg.precision = self.precision;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -286,7 +291,7 @@ fn built_backends() -> String {
 /// The backend asked for, or the fastest one available: CUDA where this build has it and a
 /// driver is present, then wgpu on a real GPU, else the CPU (a CPU-emulated adapter such as
 /// lavapipe is far slower than the CPU backend).
-fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
+fn pick_backend(kind: Option<BackendKind>, precision: Precision) -> Result<Chosen> {
     #[cfg(feature = "cuda")]
     match kind {
         Some(BackendKind::Cuda) => return Ok(Chosen::Cuda(Box::new(start_cuda()?))),
@@ -303,7 +308,7 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
         _ => {}
     }
     match kind {
-        Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::new())),
+        Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::with_precision(precision))),
         #[cfg(feature = "wgpu")]
         Some(BackendKind::Wgpu) => Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::new())?))),
         #[cfg(feature = "wgpu")]
@@ -311,10 +316,10 @@ fn pick_backend(kind: Option<BackendKind>) -> Result<Chosen> {
             Ok(adapter) if adapter.get_info().device_type != ::wgpu::DeviceType::Cpu => {
                 Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::on(adapter))?)))
             }
-            _ => Ok(Chosen::Cpu(Cpu::new())),
+            _ => Ok(Chosen::Cpu(Cpu::with_precision(precision))),
         },
         #[cfg(not(feature = "wgpu"))]
-        None => Ok(Chosen::Cpu(Cpu::new())),
+        None => Ok(Chosen::Cpu(Cpu::with_precision(precision))),
         Some(other) => {
             let name = format!("{other:?}").to_lowercase();
             bail!("backend `{name}` is not in this build (rebuild with `--features {name}`); this build has: {}", built_backends())
@@ -413,8 +418,8 @@ fn quiet_headless_vulkan() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args, false)),
-        Command::Bench(args) => with_backend!(pick_backend(args.backend)?, |b| train_command(b, &args, true)),
+        Command::Train(args) => with_backend!(pick_backend(args.backend, args.recipe.precision)?, |b| train_command(b, &args, false)),
+        Command::Bench(args) => with_backend!(pick_backend(args.backend, args.recipe.precision)?, |b| train_command(b, &args, true)),
         Command::Info => {
             info();
             Ok(())
@@ -459,7 +464,7 @@ fn run(cli: Cli) -> Result<()> {
             if test.is_empty() {
                 bail!("--test-limit must be at least 1");
             }
-            let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &test, tta as usize))?;
+            let logits = with_backend!(pick_backend(backend, Precision::F32)?, |b| predict_logits(b, &checkpoint, &test, tta as usize))?;
             let correct = logits.chunks_exact(10).zip(&test.labels).filter(|(l, &y)| argmax(l) == y as usize).count();
             out!("test accuracy (TTA level {tta}): {:.2}% of {} images", 100.0 * correct as f64 / test.len() as f64, test.len());
             Ok(())
@@ -470,7 +475,7 @@ fn run(cli: Cli) -> Result<()> {
                 bail!("{}", unreadable.join("; "));
             }
             let split = Split { pixels: read.iter().flat_map(|(_, pixels)| pixels.iter().copied()).collect(), labels: vec![0; read.len()] };
-            let logits = with_backend!(pick_backend(backend)?, |b| predict_logits(b, &checkpoint, &split, 2))?;
+            let logits = with_backend!(pick_backend(backend, Precision::F32)?, |b| predict_logits(b, &checkpoint, &split, 2))?;
             for ((path, _), l) in read.iter().zip(logits.chunks_exact(10)) {
                 let max = l.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                 let e: Vec<f32> = l.iter().map(|v| (v - max).exp()).collect();
@@ -557,9 +562,10 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     let device = b.device_name();
     let (fingerprint, settings) = (cfg.fingerprint(), cfg.settings());
     out!(
-        "speedrun: recipe {} on backend {} ({device}); {} train / {} test images; widths {:?}; batch {}; {} steps",
+        "speedrun: recipe {} on backend {} ({device}, {} storage); {} train / {} test images; widths {:?}; batch {}; {} steps",
         cfg.recipe.name(),
         b.name(),
+        cfg.precision.name(),
         train_data.len(),
         test_data.len(),
         cfg.widths,

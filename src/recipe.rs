@@ -7,7 +7,7 @@
 //! Also the arithmetic every recipe derives from its `Config`: optimizer groups, step counts,
 //! the lr schedule and the lookahead decays.
 
-use crate::backend::Act;
+use crate::backend::{Act, Precision};
 use anyhow::{bail, Result};
 use serde::Serialize;
 
@@ -191,6 +191,10 @@ pub struct Config {
     pub bn_momentum: f32,
     pub bn_eps: f32,
     pub tta_level: usize,
+    /// How the backend stores activations and their gradients. Left out of the settings (and
+    /// so of the fingerprint) at f32, the default, so f32 runs keep the fingerprints they had.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Selective TTA: only this fraction of the test images, the least confident after a plain
     /// pass, get the TTA views (at equal weights); None: every image, airbench's weights.
     pub tta_select: Option<f64>,
@@ -231,6 +235,7 @@ impl Default for Config {
             bn_momentum: 0.6,
             bn_eps: 1e-12,
             tta_level: 2,
+            precision: Precision::F32,
             tta_select: None,
             warmup_frac: 0.23,
             lr_start: 0.2,

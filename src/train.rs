@@ -97,6 +97,16 @@ pub struct Trainer<'a, B: Backend> {
 impl<'a, B: Backend> Trainer<'a, B> {
     pub fn new(b: &'a B, cfg: Config, train: &'a DeviceSplit<B>) -> Result<Trainer<'a, B>> {
         cfg.validate()?;
+        if b.precision() != cfg.precision {
+            bail!(
+                "--precision {}: the {} backend stores activations in {} (half precision runs on --backend cpu so far, as an \
+                 emulation of f16 storage for accuracy checks); use --precision {}",
+                cfg.precision.name(),
+                b.name(),
+                b.precision().name(),
+                b.precision().name()
+            );
+        }
         if train.len() < cfg.batch_size {
             bail!("the batch size ({}) must be between 1 and the number of training images ({})", cfg.batch_size, train.len());
         }

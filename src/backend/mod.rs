@@ -1,7 +1,8 @@
 //! The `Backend` trait: every op the airbench94-family networks and their training loops need.
 //!
 //! Conventions shared by all backends (the CPU backend is the reference for each op):
-//! - Activations are f32, NHWC: `(n, h, w, c)` with `c` contiguous.
+//! - Activations are NHWC: `(n, h, w, c)` with `c` contiguous; f32 values, held in f32 or,
+//!   under `Precision::Half`, rounded to f16 wherever an op stores them.
 //! - Conv weights are OHWI: `(c_out, k, k, c_in)`, so a weight is a `(c_out, k*k*c_in)`
 //!   matrix whose columns follow the NHWC patch order `(ky, kx, c)`.
 //! - Buffers are backend-owned handles; shapes live on the host and are passed to each op.
@@ -98,6 +99,31 @@ impl PoolBnShape {
     }
 }
 
+/// How a backend stores the activations and their gradients (`--precision`). Parameters,
+/// their gradients, optimizer state, BatchNorm statistics, the logits and the loss stay f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// IEEE binary16 (f16) storage, f32 arithmetic; the conv weights are rounded to f16 as
+    /// the convolutions read them.
+    Half,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+    /// The name `--precision` takes.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Half => "half",
+        }
+    }
+}
+
 /// How BatchNorm gets its statistics.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum BnMode {
@@ -149,6 +175,10 @@ pub trait Backend {
     fn name(&self) -> &'static str;
     /// The device this backend runs on, for logs.
     fn device_name(&self) -> String;
+    /// How this backend stores activations and their gradients.
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
 
     // ---- memory ----
     /// The longest tensor (in values) the device can bind.

@@ -1,7 +1,9 @@
 //! The CPU backend: plain f32 Rust, NHWC, multi-threaded with rayon; convolutions as GEMMs
 //! (direct, or Winograd's for 3×3 filters). It is the readable reference every other backend
 //! is tested against, and it is deterministic: reductions use a fixed partition and order,
-//! whatever the threads.
+//! whatever the threads. Under `Precision::Half` it emulates f16 storage: every activation
+//! and activation gradient an op writes is rounded to f16 (`store`), and the convolutions
+//! read f16-rounded copies of their weights; the arithmetic stays f32.
 
 mod conv;
 mod gemm;
@@ -10,8 +12,10 @@ mod winograd;
 
 pub use winograd::scratch_len as winograd_scratch;
 
-use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut, CHANNELS, CLASSES, MEAN, MOMENTS, PATCH, SIDE, STD};
+use super::{Backend, BnMode, ConvShape, Crop, PoolBnShape, Precision, View, ViewMut, CHANNELS, CLASSES, MEAN, MOMENTS, PATCH, SIDE, STD};
+use half::f16;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::{ready, Future};
 use std::ops::Range;
@@ -41,7 +45,9 @@ fn sum_in_order(partials: &[Vec<f32>], out: &mut [f32]) {
 }
 
 #[derive(Default)]
-pub struct Cpu;
+pub struct Cpu {
+    precision: Precision,
+}
 
 /// CIFAR images in host memory: `(n, 32, 32, 3)` NHWC pixels and one label each.
 pub struct HostImages {
@@ -59,8 +65,44 @@ fn window_mut<'a, 'b, T>(v: &'b mut ViewMut<'a, Vec<T>>) -> &'b mut [T] {
 
 impl Cpu {
     pub fn new() -> Cpu {
-        Cpu
+        Cpu::with_precision(Precision::F32)
     }
+
+    pub fn with_precision(precision: Precision) -> Cpu {
+        Cpu { precision }
+    }
+
+    /// `values`, just written by an op, as the storage holds them: rounded to the nearest f16
+    /// (ties to even; beyond ±65504 infinite) under half precision, untouched in f32.
+    fn store(&self, values: &mut [f32]) {
+        if self.precision == Precision::Half {
+            values.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()));
+        }
+    }
+
+    /// The conv weights as a convolution reads them: an f16-rounded copy under half precision
+    /// (the copy a GPU's f16 convolution multiplies with), the weights themselves in f32.
+    fn conv_weights<'a>(&self, w: &View<'a, Vec<f32>>) -> Cow<'a, [f32]> {
+        let w = window(w);
+        match self.precision {
+            Precision::F32 => Cow::Borrowed(w),
+            Precision::Half => {
+                let mut copy = w.to_vec();
+                self.store(&mut copy);
+                Cow::Owned(copy)
+            }
+        }
+    }
+}
+
+/// Values in `s`'s output `(n, oh, ow, c_out)`.
+fn conv_out_len(s: &ConvShape) -> usize {
+    s.n * s.out_h() * s.out_w() * s.c_out
+}
+
+/// Values in `s`'s pooled output `(n, oh, ow, c)`.
+fn pooled_len(s: &PoolBnShape) -> usize {
+    s.n * s.out_h() * s.out_w() * s.c
 }
 
 impl Backend for Cpu {
@@ -78,6 +120,10 @@ impl Backend for Cpu {
             .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
             .unwrap_or_else(|| std::env::consts::ARCH.to_string());
         format!("{model} ({} threads)", rayon::current_num_threads())
+    }
+
+    fn precision(&self) -> Precision {
+        self.precision
     }
 
     fn max_tensor_len(&self) -> usize {
@@ -159,6 +205,7 @@ impl Backend for Cpu {
         for (l, &i) in labels.iter_mut().zip(index) {
             *l = images.labels[i as usize] as u32;
         }
+        self.store(&mut x[..index.len() * image_len]);
     }
 
     fn patch_moments(&self, images: &HostImages, index: View<Vec<u32>>, mut out: ViewMut<Vec<f32>>) {
@@ -185,15 +232,18 @@ impl Backend for Cpu {
     }
 
     fn conv_forward(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
-        conv::forward(&s, x, window(&w), y);
+        conv::forward(&s, x, &self.conv_weights(&w), y);
+        self.store(&mut y[..conv_out_len(&s)]);
     }
 
     fn conv_forward_inference(&self, s: ConvShape, x: &Vec<f32>, w: View<Vec<f32>>, y: &mut Vec<f32>) {
-        conv::forward_inference(&s, x, window(&w), y);
+        conv::forward_inference(&s, x, &self.conv_weights(&w), y);
+        self.store(&mut y[..conv_out_len(&s)]);
     }
 
     fn conv_backward_data(&self, s: ConvShape, dy: &Vec<f32>, w: View<Vec<f32>>, dx: &mut Vec<f32>) {
-        conv::backward_data(&s, dy, window(&w), dx);
+        conv::backward_data(&s, dy, &self.conv_weights(&w), dx);
+        self.store(&mut dx[..s.n * s.h * s.w * s.c_in]);
     }
 
     fn conv_backward_filter(&self, s: ConvShape, x: &Vec<f32>, dy: &Vec<f32>, mut dw: ViewMut<Vec<f32>>) {
@@ -202,6 +252,8 @@ impl Backend for Cpu {
 
     fn bias_gelu_forward(&self, pixels: usize, c: usize, z: &mut Vec<f32>, bias: View<Vec<f32>>, a: &mut Vec<f32>) {
         norm::bias_gelu_forward(pixels, c, z, window(&bias), a);
+        self.store(&mut z[..pixels * c]);
+        self.store(&mut a[..pixels * c]);
     }
 
     fn bias_gelu_backward(&self, pixels: usize, c: usize, z: &Vec<f32>, da: &Vec<f32>, mut dbias: ViewMut<Vec<f32>>) {
@@ -220,6 +272,8 @@ impl Backend for Cpu {
         saved: &mut Vec<f32>,
     ) {
         norm::pool_bn_act_forward(&s, mode, y, window(&beta), window_mut(&mut running), z, a, saved);
+        self.store(&mut z[..pooled_len(&s)]);
+        self.store(&mut a[..pooled_len(&s)]);
     }
 
     fn pool_bn_act_backward(
@@ -234,8 +288,10 @@ impl Backend for Cpu {
         mut dbeta: ViewMut<Vec<f32>>,
     ) {
         norm::pool_bn_act_backward(&s, y, z, saved, window(&beta), da, dy, window_mut(&mut dbeta));
+        self.store(&mut dy[..s.n * s.h * s.w * s.c]);
     }
 
+    // Max-pooling only moves values (and zeros): stored values stay f16-exact, no rounding.
     fn max_pool_forward(&self, s: PoolBnShape, x: &Vec<f32>, y: &mut Vec<f32>) {
         norm::max_pool(&s, x, y);
     }
@@ -272,6 +328,7 @@ impl Backend for Cpu {
                 dx.iter_mut().zip(w).for_each(|(d, w)| *d += scale * g * w);
             }
         }
+        self.store(&mut dx[..n * c_in]);
         let dw = window_mut(&mut dw);
         for (o, dw) in dw.chunks_exact_mut(c_in).enumerate() {
             for (i, d) in dw.iter_mut().enumerate() {
