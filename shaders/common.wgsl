@@ -1,4 +1,9 @@
 // Shared helpers, prepended to every shader family at load time.
+// Storage types come from a preamble the launcher writes before this file (wgpu/mod.rs,
+// `preamble`): `H`, how activations and their gradients are stored (f32, or f16 under half
+// precision, with `enable f16;`), and `Tn`, the element type of binding n in the kernel being
+// built, for bindings that hold activations in some kernels of a family and f32 values in
+// others. Every read converts to f32 and all math is f32; every store converts back.
 // Each kernel runs in workgroups of WG invocations over a 2-D grid of workgroups (a 1-D grid
 // would stop at 65535 workgroups); `flat_id` numbers the invocations 0, 1, 2, ...
 
@@ -51,4 +56,10 @@ fn silu(z: f32) -> f32 {
 fn silu_grad(z: f32) -> f32 {
     let s = 1.0 / one_plus_exp_neg(z);
     return s * (1.0 + z * (1.0 - s));
+}
+
+// A conv weight as the convolutions multiply with it: rounded to the activations' storage
+// type (under half precision, the f16 copy of the weight; in f32, the weight itself).
+fn weight(v: f32) -> f32 {
+    return f32(H(v));
 }

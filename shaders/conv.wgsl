@@ -17,10 +17,11 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;          // x (forward, wgrad) or dy (dgrad)
+// Activations are stored as H (common.wgsl); dst as T3, H for y and dx, f32 for dW.
+@group(0) @binding(1) var<storage, read> src: array<H>;            // x (forward, wgrad) or dy (dgrad)
 @group(0) @binding(2) var<storage, read> wt: array<f32>;           // weights (c_out, k, k, c_in) at w_off
-@group(0) @binding(3) var<storage, read_write> dst: array<f32>;    // y, dx, or dW at w_off
-@group(0) @binding(4) var<storage, read> dy: array<f32>;           // wgrad: (m_total, c_out)
+@group(0) @binding(3) var<storage, read_write> dst: array<T3>;     // y, dx, or dW at w_off
+@group(0) @binding(4) var<storage, read> dy: array<H>;             // wgrad: (m_total, c_out)
 @group(0) @binding(5) var<storage, read_write> scratch: array<f32>; // rotated kernel, or wgrad partials
 
 // An output pixel m = (b, oy, ox), with `base` the first input value of image b.
@@ -85,7 +86,7 @@ fn patch_value(px: Pixel, t: Tap, k: u32) -> f32 {
     if (px.m >= p.m_total || k >= p.kdim || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w)) {
         return 0.0;
     }
-    return src[px.base + (u32(iy) * p.w + u32(ix)) * p.c_in + t.c];
+    return f32(src[px.base + (u32(iy) * p.w + u32(ix)) * p.c_in + t.c]);
 }
 
 // y[m, o .. o + 4] = v, inside the matrix.
@@ -95,7 +96,7 @@ fn store_output(m: u32, o: u32, v: vec4<f32>) {
     }
     for (var j = 0u; j < 4u; j++) {
         if (o + j < p.c_out) {
-            dst[m * p.c_out + o + j] = v[j];
+            dst[m * p.c_out + o + j] = T3(v[j]);
         }
     }
 }
@@ -137,7 +138,7 @@ fn forward(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: v
             let o = o0 + row + 16u * i;
             var wv = 0.0;
             if (o < p.c_out && k < p.kdim) {
-                wv = wt[p.w_off + o * p.kdim + k];
+                wv = weight(wt[p.w_off + o * p.kdim + k]);
             }
             stage_b(kk, row + 16u * i, wv);
         }
@@ -217,7 +218,7 @@ fn stage_wgrad(mm: u32, col: u32, o: u32, k: u32, t: Tap, px: Pixel, last: u32) 
     var a = 0.0;
     if (px.m < last) {
         if (o < p.c_out) {
-            g = dy[px.m * p.c_out + o];
+            g = f32(dy[px.m * p.c_out + o]);
         }
         a = patch_value(px, t, k);
     }
@@ -237,7 +238,7 @@ fn reduce_splits(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     for (var z = 0u; z < p.splits; z++) {
         s += scratch[z * len + e];
     }
-    dst[p.w_off + e] = s;
+    dst[p.w_off + e] = T3(s);
 }
 
 // Direct variants: one output value per invocation, no workgroup memory and no barriers.
@@ -266,11 +267,11 @@ fn forward_direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups)
             let xb = px.base + (u32(iy) * p.w + u32(ix)) * p.c_in;
             let wb = p.w_off + o * p.kdim + (ky * p.k + kx) * p.c_in;
             for (var c = 0u; c < p.c_in; c++) {
-                s = fma(src[xb + c], wt[wb + c], s);
+                s = fma(f32(src[xb + c]), weight(wt[wb + c]), s);
             }
         }
     }
-    dst[e] = s;
+    dst[e] = T3(s);
 }
 
 // scratch[z][o][k] = Σ over the pixels of split z of dy[m, o] · A[m, k].
@@ -289,7 +290,7 @@ fn wgrad_direct(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     var px = pixel(z * p.split_rows);
     var s = 0.0;
     for (; px.m < last; px = step_pixel(px, 1u)) {
-        s = fma(dy[px.m * p.c_out + o], patch_value(px, t, k), s);
+        s = fma(f32(dy[px.m * p.c_out + o]), patch_value(px, t, k), s);
     }
     scratch[e] = s;
 }

@@ -16,7 +16,7 @@ struct Params {
 @group(0) @binding(3) var<storage, read> all_labels: array<u32>;
 @group(0) @binding(4) var<storage, read> index: array<u32>;
 @group(0) @binding(5) var<storage, read> crops: array<u32>;
-@group(0) @binding(6) var<storage, read_write> x: array<f32>;      // (n, 32, 32, 3)
+@group(0) @binding(6) var<storage, read_write> x: array<H>;        // (n, 32, 32, 3)
 @group(0) @binding(7) var<storage, read_write> labels: array<u32>; // (n)
 @group(0) @binding(8) var<storage, read_write> moments: array<f32>; // (n, 156)
 @group(0) @binding(9) var<storage, read> jitter: array<f32>;         // (n, 2) at jitter_off
@@ -71,7 +71,7 @@ fn load_batch(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
         let row = p.jitter_off + 2u * b;
         value = (value + jitter[row]) * jitter[row + 1u];
     }
-    x[e] = value;
+    x[e] = H(value);
     if (e % 3072u == 0u) {
         labels[b] = all_labels[image];
     }

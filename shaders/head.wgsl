@@ -7,10 +7,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> in0: array<f32>;
-@group(0) @binding(2) var<storage, read> in1: array<f32>;
+// Tn: binding n's element type in this kernel (see common.wgsl), H where it holds the
+// pooled features or their gradient.
+@group(0) @binding(1) var<storage, read> in0: array<T1>;
+@group(0) @binding(2) var<storage, read> in1: array<T2>;
 @group(0) @binding(3) var<storage, read> labels: array<u32>;
-@group(0) @binding(4) var<storage, read_write> out0: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out0: array<T4>;
 @group(0) @binding(5) var<storage, read_write> out1: array<f32>;
 @group(0) @binding(6) var<storage, read_write> part: array<f32>; // (workgroups, 2)
 
@@ -25,9 +27,9 @@ fn linear_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg
     let o = e % p.c_out;
     var s = 0.0;
     for (var i = 0u; i < p.c_in; i++) {
-        s = fma(in0[b * p.c_in + i], in1[p.off + o * p.c_in + i], s);
+        s = fma(f32(in0[b * p.c_in + i]), f32(in1[p.off + o * p.c_in + i]), s);
     }
-    out0[e] = p.scale * s;
+    out0[e] = T4(p.scale * s);
 }
 
 // out0 = dx (n, c_in) = scale · in0 (dy, (n, c_out)) · in1 (w at off).
@@ -41,9 +43,9 @@ fn linear_bwd_data(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups
     let i = e % p.c_in;
     var s = 0.0;
     for (var o = 0u; o < p.c_out; o++) {
-        s = fma(in0[b * p.c_out + o], in1[p.off + o * p.c_in + i], s);
+        s = fma(f32(in0[b * p.c_out + o]), f32(in1[p.off + o * p.c_in + i]), s);
     }
-    out0[e] = p.scale * s;
+    out0[e] = T4(p.scale * s);
 }
 
 // out0 = dw (c_out, c_in) at off = scale · in0ᵀ (dy) · in1 (x).
@@ -57,9 +59,9 @@ fn linear_bwd_filter(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgrou
     let i = e % p.c_in;
     var s = 0.0;
     for (var b = 0u; b < p.n; b++) {
-        s = fma(in0[b * p.c_out + o], in1[b * p.c_in + i], s);
+        s = fma(f32(in0[b * p.c_out + o]), f32(in1[b * p.c_in + i]), s);
     }
-    out0[p.off + e] = p.scale * s;
+    out0[p.off + e] = T4(p.scale * s);
 }
 
 var<workgroup> sums: array<vec2<f32>, 256>;
@@ -72,17 +74,17 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     var here = vec2<f32>(0.0, 0.0);
     if (b < p.n) {
         let label = labels[b];
-        var best = in0[b * 10u];
+        var best = f32(in0[b * 10u]);
         var arg = 0u;
         for (var j = 1u; j < 10u; j++) {
-            if (in0[b * 10u + j] > best) {
-                best = in0[b * 10u + j];
+            if (f32(in0[b * 10u + j]) > best) {
+                best = f32(in0[b * 10u + j]);
                 arg = j;
             }
         }
         var sum = 0.0;
         for (var j = 0u; j < 10u; j++) {
-            sum += exp(in0[b * 10u + j] - best);
+            sum += exp(f32(in0[b * 10u + j]) - best);
         }
         let lse = best + log(sum);
         var loss = 0.0;
@@ -91,9 +93,9 @@ fn cross_entropy(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
             if (j == label) {
                 t += 1.0 - p.smoothing;
             }
-            loss += t * (lse - in0[b * 10u + j]);
+            loss += t * (lse - f32(in0[b * 10u + j]));
             if (p.write_grad == 1u) {
-                out0[b * 10u + j] = exp(in0[b * 10u + j] - lse) - t;
+                out0[b * 10u + j] = T4(exp(f32(in0[b * 10u + j]) - lse) - t);
             }
         }
         here = vec2<f32>(loss, select(0.0, 1.0, arg == label));

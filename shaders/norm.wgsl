@@ -13,13 +13,16 @@ struct Params {
 
 // Each kernel says what its bindings hold; (rows, c) tensors are the pooled ones, (n, h, w, c)
 // the conv outputs before pooling, `saved` (2c) = (mean, 1/std), `running` (2c) = (mean, var).
+// Tn is binding n's element type in this kernel (see common.wgsl): H where it holds
+// activations, f32 where it holds statistics or parameters.
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> in0: array<f32>;
-@group(0) @binding(2) var<storage, read> in1: array<f32>;
+@group(0) @binding(1) var<storage, read> in0: array<T1>;
+@group(0) @binding(2) var<storage, read> in1: array<T2>;
 @group(0) @binding(3) var<storage, read> in2: array<f32>;
-@group(0) @binding(4) var<storage, read_write> out0: array<f32>;
-@group(0) @binding(5) var<storage, read_write> out1: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out0: array<T4>;
+@group(0) @binding(5) var<storage, read_write> out1: array<T5>;
 @group(0) @binding(6) var<storage, read_write> part: array<f32>; // (chunks, c, 2)
+@group(0) @binding(7) var<storage, read_write> dz_f32: array<f32>; // BN backward: dz (rows, c)
 
 // The activation after BatchNorm, and its derivative.
 fn activate(z: f32) -> f32 {
@@ -43,9 +46,9 @@ fn bias_gelu_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) 
     if (e >= p.rows * p.c) {
         return;
     }
-    let z = out0[e] + in0[p.off0 + e % p.c];
-    out0[e] = z;
-    out1[e] = gelu(z);
+    let z = f32(out0[e]) + f32(in0[p.off0 + e % p.c]);
+    out0[e] = T4(z);
+    out1[e] = T5(gelu(z));
 }
 
 // The index in (n, h, w, c) of element i (row-major) of pooling window (b, oy, ox).
@@ -67,10 +70,10 @@ fn max_pool_fwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
     let b = px / (p.ow * p.oh);
     var best = -3.4e38;
     for (var i = 0u; i < p.pool * p.pool; i++) {
-        let v = in0[window_index(b, oy, ox, i, ch)];
+        let v = f32(in0[window_index(b, oy, ox, i, ch)]);
         best = max(best, v);
     }
-    out0[e] = best;
+    out0[e] = T4(best);
 }
 
 // out0 (n, h, w, c): in1 (the pooled gradient) at the first maximum (row-major window
@@ -93,17 +96,17 @@ fn max_pool_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         var best = -3.4e38;
         var arg = 0u;
         for (var i = 0u; i < p.pool * p.pool; i++) {
-            let v = in0[window_index(b, oy, ox, i, ch)];
+            let v = f32(in0[window_index(b, oy, ox, i, ch)]);
             if (v > best) {
                 best = v;
                 arg = i;
             }
         }
         if (arg == (y - oy * p.pool) * p.pool + (x - ox * p.pool)) {
-            g = in1[((b * p.oh + oy) * p.ow + ox) * p.c + ch];
+            g = f32(in1[((b * p.oh + oy) * p.ow + ox) * p.c + ch]);
         }
     }
-    out0[e] = g;
+    out0[e] = T4(g);
 }
 
 // One invocation per (chunk, channel): the rows of this chunk.
@@ -128,7 +131,7 @@ fn partials_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     let r = chunk_rows(wg);
     var s = 0.0;
     for (var row = r.x; row < r.y; row++) {
-        s += in0[row * p.c + ch];
+        s += f32(in0[row * p.c + ch]);
     }
     store_partial(wg, ch, s, 0.0);
 }
@@ -141,10 +144,10 @@ fn partials_sqdev(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocatio
         return;
     }
     let r = chunk_rows(wg);
-    let mean = in1[ch];
+    let mean = f32(in1[ch]);
     var s = 0.0;
     for (var row = r.x; row < r.y; row++) {
-        let d = in0[row * p.c + ch] - mean;
+        let d = f32(in0[row * p.c + ch]) - mean;
         s += d * d;
     }
     store_partial(wg, ch, s, 0.0);
@@ -160,13 +163,14 @@ fn partials_gelu_grad(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invoc
     let r = chunk_rows(wg);
     var s = 0.0;
     for (var row = r.x; row < r.y; row++) {
-        s += in1[row * p.c + ch] * gelu_grad(in0[row * p.c + ch]);
+        s += f32(in1[row * p.c + ch]) * gelu_grad(f32(in0[row * p.c + ch]));
     }
     store_partial(wg, ch, s, 0.0);
 }
 
-// BN backward, first pass: out0 = dz = da · act'(z) in place (out0 holds da (rows, c),
-// in0 = z (rows, c), in1 = β at off0); part = (Σ dz, Σ dz · x̂) with x̂ = z − β.
+// BN backward, first pass: dz_f32 = da · act'(z) (out0 holds da (rows, c), in0 = z (rows, c),
+// in1 = β at off0); part = (Σ dz, Σ dz · x̂) with x̂ = z − β. dz stays f32 (no rounding
+// between the two passes under half precision).
 @compute @workgroup_size(64)
 fn partials_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let ch = wg.y * 64u + lid.x;
@@ -174,13 +178,13 @@ fn partials_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
         return;
     }
     let r = chunk_rows(wg);
-    let beta = in1[p.off0 + ch];
+    let beta = f32(in1[p.off0 + ch]);
     var s = 0.0;
     var sx = 0.0;
     for (var row = r.x; row < r.y; row++) {
-        let z = in0[row * p.c + ch];
-        let dz = out0[row * p.c + ch] * activate_grad(z);
-        out0[row * p.c + ch] = dz;
+        let z = f32(in0[row * p.c + ch]);
+        let dz = f32(out0[row * p.c + ch]) * activate_grad(z);
+        dz_f32[row * p.c + ch] = dz;
         s += dz;
         sx += dz * (z - beta);
     }
@@ -201,7 +205,7 @@ fn total(ch: u32) -> vec2<f32> {
 fn finalize_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let ch = wg.x * 64u + lid.x;
     if (ch < p.c) {
-        out0[p.off0 + ch] = total(ch).x;
+        out0[p.off0 + ch] = T4(total(ch).x);
     }
 }
 
@@ -210,7 +214,7 @@ fn finalize_sum(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 fn finalize_mean(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let ch = wg.x * 64u + lid.x;
     if (ch < p.c) {
-        out0[ch] = total(ch).x / f32(p.rows);
+        out0[ch] = T4(total(ch).x / f32(p.rows));
     }
 }
 
@@ -224,10 +228,10 @@ fn finalize_var(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
     }
     let rows = f32(p.rows);
     let var_b = total(ch).x / rows;
-    out0[p.c + ch] = 1.0 / sqrt(var_b + p.eps);
+    out0[p.c + ch] = T4(1.0 / sqrt(var_b + p.eps));
     let unbiased = var_b * rows / max(rows - 1.0, 1.0);
-    out1[p.off1 + ch] = p.momentum * out1[p.off1 + ch] + (1.0 - p.momentum) * out0[ch];
-    out1[p.off1 + p.c + ch] = p.momentum * out1[p.off1 + p.c + ch] + (1.0 - p.momentum) * unbiased;
+    out1[p.off1 + ch] = T5(p.momentum * f32(out1[p.off1 + ch]) + (1.0 - p.momentum) * f32(out0[ch]));
+    out1[p.off1 + p.c + ch] = T5(p.momentum * f32(out1[p.off1 + p.c + ch]) + (1.0 - p.momentum) * unbiased);
 }
 
 // out0 = saved (mean, 1/std) from the running statistics in0 (mean, var) at off1.
@@ -235,8 +239,8 @@ fn finalize_var(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_
 fn eval_stats(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
     let ch = wg.x * 64u + lid.x;
     if (ch < p.c) {
-        out0[ch] = in0[p.off1 + ch];
-        out0[p.c + ch] = 1.0 / sqrt(in0[p.off1 + p.c + ch] + p.eps);
+        out0[ch] = T4(f32(in0[p.off1 + ch]));
+        out0[p.c + ch] = T4(1.0 / sqrt(f32(in0[p.off1 + p.c + ch]) + p.eps));
     }
 }
 
@@ -248,9 +252,9 @@ fn finalize_bn_bwd(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocati
         return;
     }
     let s = total(ch);
-    out0[p.off0 + ch] = s.x;
-    out1[ch] = s.x / f32(p.rows);
-    out1[p.c + ch] = s.y / f32(p.rows);
+    out0[p.off0 + ch] = T4(s.x);
+    out1[ch] = T5(s.x / f32(p.rows));
+    out1[p.c + ch] = T5(s.y / f32(p.rows));
 }
 
 // out0 = z = (out0 − mean)·(1/std) + β in place (out0 holds the pooled values (rows, c);
@@ -262,12 +266,12 @@ fn bn_act_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         return;
     }
     let ch = e % p.c;
-    let z = (out0[e] - in0[ch]) * in0[p.c + ch] + in1[p.off0 + ch];
-    out0[e] = z;
-    out1[e] = activate(z);
+    let z = (f32(out0[e]) - f32(in0[ch])) * f32(in0[p.c + ch]) + f32(in1[p.off0 + ch]);
+    out0[e] = T4(z);
+    out1[e] = T5(activate(z));
 }
 
-// out0 = d(pooled) = (1/std)·(dz − mean dz − x̂·mean dz·x̂) in place (out0 holds dz; in0 = z,
+// out0 = d(pooled) = (1/std)·(dz − mean dz − x̂·mean dz·x̂) (dz in dz_f32; in0 = z,
 // in1 = β at off0, in2 = saved; out1 = the means from `finalize_bn_bwd`).
 @compute @workgroup_size(256)
 fn bn_bwd_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -276,6 +280,6 @@ fn bn_bwd_apply(@builtin(workgroup_id) wg: vec3<u32>, @builtin(num_workgroups) n
         return;
     }
     let ch = e % p.c;
-    let xhat = in0[e] - in1[p.off0 + ch];
-    out0[e] = in2[p.c + ch] * (out0[e] - out1[ch] - xhat * out1[p.c + ch]);
+    let xhat = f32(in0[e]) - f32(in1[p.off0 + ch]);
+    out0[e] = T4(in2[p.c + ch] * (dz_f32[e] - f32(out1[ch]) - xhat * f32(out1[p.c + ch])));
 }

@@ -310,11 +310,13 @@ fn pick_backend(kind: Option<BackendKind>, precision: Precision) -> Result<Chose
     match kind {
         Some(BackendKind::Cpu) => Ok(Chosen::Cpu(Cpu::with_precision(precision))),
         #[cfg(feature = "wgpu")]
-        Some(BackendKind::Wgpu) => Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::new())?))),
+        Some(BackendKind::Wgpu) => {
+            Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::with_precision(block_on(webgpu::default_adapter())?, precision))?)))
+        }
         #[cfg(feature = "wgpu")]
         None => match block_on(webgpu::default_adapter()) {
             Ok(adapter) if adapter.get_info().device_type != ::wgpu::DeviceType::Cpu => {
-                Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::on(adapter))?)))
+                Ok(Chosen::Wgpu(Box::new(block_on(Wgpu::with_precision(adapter, precision))?)))
             }
             _ => Ok(Chosen::Cpu(Cpu::with_precision(precision))),
         },
@@ -718,8 +720,8 @@ fn profile_command(_: &ProfileArgs) -> Result<()> {
 /// prints GPU time per kernel, longest first.
 #[cfg(feature = "wgpu")]
 fn profile_command(args: &ProfileArgs) -> Result<()> {
-    let b = block_on(Wgpu::new())?;
     let cfg = args.recipe.config()?;
+    let b = block_on(Wgpu::with_precision(block_on(webgpu::default_adapter())?, cfg.precision))?;
     let split = data::load_train(&data_dir_downloading(args.data_dir.as_deref())?, args.train_limit)?;
     let train = DeviceSplit::new(&b, &split);
     let mut t = Trainer::new(&b, cfg, &train)?;

@@ -232,9 +232,9 @@ impl<B: Backend> Net<B> {
             .layers
             .iter()
             .map(|l| LayerActs {
-                y: b.zeros(n * l.side * l.side * l.c_out),
-                z: b.zeros(n * l.out_side().pow(2) * l.c_out),
-                a: b.zeros(n * l.out_side().pow(2) * l.c_out),
+                y: b.activations(n * l.side * l.side * l.c_out),
+                z: b.activations(n * l.out_side().pow(2) * l.c_out),
+                a: b.activations(n * l.out_side().pow(2) * l.c_out),
                 saved: b.zeros(2 * l.c_out),
             })
             .collect();
@@ -242,17 +242,17 @@ impl<B: Backend> Net<B> {
             params: b.zeros(layout.params_len()),
             running: b.zeros(layout.running_len),
             grads: b.zeros(layout.trainable),
-            x: b.zeros(n * SIDE * SIDE * CHANNELS),
+            x: b.activations(n * SIDE * SIDE * CHANNELS),
             labels: b.index_zeros(n),
             logits: b.zeros(n * CLASSES),
             dlogits: b.zeros(n * CLASSES),
-            z0: b.zeros(whiten_len),
-            a0: b.zeros(whiten_len),
+            z0: b.activations(whiten_len),
+            a0: b.activations(whiten_len),
             acts,
-            pooled: b.zeros(n * widths[2]),
-            dpooled: b.zeros(n * widths[2]),
-            grad_a: b.zeros(largest),
-            grad_y: b.zeros(largest),
+            pooled: b.activations(n * widths[2]),
+            dpooled: b.activations(n * widths[2]),
+            grad_a: b.activations(largest),
+            grad_y: b.activations(largest),
             arch,
             layout,
             capacity,

@@ -99,8 +99,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
         cfg.validate()?;
         if b.precision() != cfg.precision {
             bail!(
-                "--precision {}: the {} backend stores activations in {} (half precision runs on --backend cpu so far, as an \
-                 emulation of f16 storage for accuracy checks); use --precision {}",
+                "--precision {}: the {} backend stores activations in {} here (half precision runs on wgpu adapters with \
+                 shader-f16, and on --backend cpu as an emulation of f16 storage); use --precision {}",
                 cfg.precision.name(),
                 b.name(),
                 b.precision().name(),

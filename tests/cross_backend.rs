@@ -9,7 +9,7 @@ mod common;
 #[path = "common/short_run.rs"]
 mod short_run;
 
-use speedrun::backend::{all, block_on, cpu::Cpu, Backend};
+use speedrun::backend::{all, block_on, cpu::Cpu, Backend, Precision};
 use speedrun::data::{load_test, load_train, Split};
 use speedrun::train::{Config, DeviceSplit, Recipe, Trainer};
 
@@ -51,15 +51,24 @@ fn one_step_matches_the_cpu<G: Backend>(gpu: &G) {
     assert!(rel(&dev.3, &cpu.3) < 1e-5, "running statistics: {:.2e}", rel(&dev.3, &cpu.3));
 }
 
-/// 16 steps of a small net trained by `recipe`: per-step losses within `loss_tolerance`
-/// (relative; a pair: the first `MUON_EXACT_STEPS` steps, then the rest), accuracies within
-/// `accuracy_margin`.
+/// 16 steps of a small net trained by `recipe`, in the GPU backend's precision on both (the
+/// CPU emulates half): per-step losses within `loss_tolerance` (relative; a pair: the first
+/// `MUON_EXACT_STEPS` steps, then the rest), accuracies within `accuracy_margin`.
 fn trains_like_the_cpu<G: Backend>(gpu: &G, recipe: Recipe, loss_tolerance: (f64, f64), accuracy_margin: f64) {
     let data = common::cifar_dir();
     let (train_split, test_split) = (load_train(&data, Some(1024)).unwrap(), load_test(&data, Some(256)).unwrap());
-    let cfg = Config { widths: [8, 16, 16], batch_size: 128, epochs: 2.0, whiten_images: 1024, ..recipe.config() };
-    println!("recipe {}", recipe.name());
-    let (cpu_losses, cpu_plain, cpu_tta) = block_on(short_run::train(&Cpu::new(), &cfg, &train_split, &test_split));
+    let precision = gpu.precision();
+    let cfg = Config { widths: [8, 16, 16], batch_size: 128, epochs: 2.0, whiten_images: 1024, precision, ..recipe.config() };
+    println!("recipe {}, precision {}", recipe.name(), precision.name());
+    let cpu = Cpu::with_precision(precision);
+    let (cpu_losses, cpu_plain, cpu_tta) = block_on(short_run::train(&cpu, &cfg, &train_split, &test_split));
+    if precision != Precision::F32 {
+        // What half precision changes, for the record (the assertions compare like with like).
+        let f32_cfg = Config { precision: Precision::F32, ..cfg.clone() };
+        let (losses, plain, tta) = block_on(short_run::train(&Cpu::new(), &f32_cfg, &train_split, &test_split));
+        let worst = short_run::loss_table(&losses, &cpu_losses).into_iter().map(|r| r.2).fold(0.0, f64::max);
+        println!("cpu f32: accuracy {plain:.4} (TTA {tta:.4}); per-step losses up to {worst:.2e} (relative) from the emulated half's");
+    }
     let (gpu_losses, gpu_plain, gpu_tta) = block_on(short_run::train(gpu, &cfg, &train_split, &test_split));
     println!("step   cpu loss   {:>4} loss   relative difference", gpu.name());
     let mut worst = [0.0f64; 2];
@@ -91,6 +100,10 @@ const F32_ACCURACY_MARGIN: f64 = 0.02;
 const MUON_EXACT_STEPS: usize = 4;
 const MUON_LOSS_TOLERANCE: (f64, f64) = (1e-4, 2e-3);
 
+// Reduced precision (f16 storage; CUDA's TF32 convolutions): see the tests that use them.
+const HALF_LOSS_TOLERANCE: (f64, f64) = (1e-2, 1e-2);
+const HALF_ACCURACY_MARGIN: f64 = 0.03;
+
 #[cfg(feature = "wgpu")]
 mod wgpu {
     use super::*;
@@ -114,6 +127,17 @@ mod wgpu {
     fn trains_hiverge_like_the_cpu() {
         if let Some(gpu) = common::wgpu_device() {
             super::trains_like_the_cpu(&gpu, Recipe::Hiverge, MUON_LOSS_TOLERANCE, F32_ACCURACY_MARGIN);
+        }
+    }
+
+    /// f16 storage against the CPU's emulation of it. Where the two backends' f32 math
+    /// differs (~1e-6), a value near the midpoint of two f16 neighbours rounds to the other
+    /// one, a step of 2⁻¹⁰: the margins are those of TF32 (11-bit significands as f16's;
+    /// set before the first run, not fitted to it): 1% of the loss, 8 of 256 test images.
+    #[test]
+    fn trains_like_the_cpu_in_half() {
+        if let Some(gpu) = common::wgpu_half_device() {
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, HALF_LOSS_TOLERANCE, HALF_ACCURACY_MARGIN);
         }
     }
 }
@@ -163,7 +187,7 @@ mod cuda {
     #[test]
     fn trains_like_the_cpu_with_tf32() {
         if let Some(gpu) = common::cuda_device(true) {
-            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, (1e-2, 1e-2), 0.03);
+            super::trains_like_the_cpu(&gpu, Recipe::Airbench94, HALF_LOSS_TOLERANCE, HALF_ACCURACY_MARGIN);
         }
     }
 }

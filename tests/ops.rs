@@ -2,10 +2,13 @@
 //! against central finite differences of its forward. Each test body is generic over
 //! `Backend` and instantiated per backend by `backend_tests!` (CPU; wgpu, skipped with a
 //! message when no adapter exists; CUDA with the `cuda` feature, skipped without a driver).
+//! `half_storage` checks half precision (the CPU's emulation, wgpu's f16 storage) against the
+//! f32 CPU backend.
 
 mod common;
 
-use speedrun::backend::{all, all_mut, block_on, reflect, Act, Backend, BnMode, ConvShape, Crop, PoolBnShape, View, ViewMut};
+use speedrun::backend::cpu::Cpu;
+use speedrun::backend::{all, all_mut, block_on, reflect, Act, Backend, BnMode, ConvShape, Crop, PoolBnShape, Precision, View, ViewMut};
 use speedrun::rng::Rng;
 
 fn upload<B: Backend>(b: &B, v: &[f32]) -> B::Tensor {
@@ -698,3 +701,161 @@ all_ops!(wgpu_direct, crate::common::wgpu_device().inspect(|g| g.set_tiled_convo
 // cuDNN with exact f32 math: the tolerances here are for f32 (TF32 is tested by training).
 #[cfg(feature = "cuda")]
 all_ops!(cuda, crate::common::cuda_device(false));
+
+/// One f16 rounding (to nearest, 11-bit significand): at most 2⁻¹¹ of the value.
+const F16_STEP: f64 = 1.0 / 2048.0;
+
+fn f16_exact(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+}
+
+fn upload_activations<B: Backend>(b: &B, v: &[f32]) -> B::Tensor {
+    let mut t = b.activations(v.len());
+    b.upload(all_mut(&mut t, v.len()), v);
+    t
+}
+
+/// `got` from the half-precision backend against `want` from the f32 CPU backend on the same
+/// (f16-exact) inputs. An output stored in f16 is rounded once from f32 math, so it must be
+/// f16-exact and may differ by the f32 tolerance `tol` plus one f16 step of the largest value;
+/// an output kept in f32 by `tol` alone.
+fn check_half(what: &str, got: &[f32], want: &[f32], stored_f16: bool, tol: f64) {
+    if stored_f16 {
+        assert_eq!(got, f16_exact(got), "{what}: stored values are not f16-exact");
+    }
+    let want: Vec<f64> = want.iter().map(|&v| v as f64).collect();
+    assert_close(&format!("{what} (half)"), got, &want, tol + if stored_f16 { F16_STEP } else { 0.0 });
+}
+
+/// Half precision: every op that reads or stores activations, against the f32 CPU backend
+/// (which the tests above hold to float64 and finite differences), on f16-exact inputs.
+pub fn half_storage<B: Backend>(b: &B) {
+    assert_eq!(b.precision(), Precision::Half);
+    let cpu = Cpu::new();
+    let read_cpu = |t: &Vec<f32>, len: usize| t[..len].to_vec();
+    // Convolutions: narrow (direct kernels) and 32 channels wide (tiled kernels on wgpu).
+    let wide = ConvShape { n: 2, h: 8, w: 8, c_in: 24, c_out: 32, k: 3, pad: 1 };
+    for s in SHAPES.into_iter().chain([wide]) {
+        let name = format!("conv {}→{} {}² k{}", s.c_in, s.c_out, s.h, s.k);
+        // f16-exact weights: the f32 CPU multiplies with what the half convolutions' f16 copies hold.
+        let (x, w, r) =
+            (f16_exact(&random(s.n * s.h * s.w * s.c_in, 31)), f16_exact(&random(w_len(&s), 32)), f16_exact(&random(y_len(&s), 33)));
+        let (tx, tw, tr) = (upload_activations(b, &x), upload(b, &w), upload_activations(b, &r));
+        let (mut y, mut want) = (b.activations(y_len(&s)), cpu.zeros(y_len(&s)));
+        b.conv_forward(s, &tx, all(&tw, w.len()), &mut y);
+        cpu.conv_forward(s, &x, all(&w, w.len()), &mut want);
+        check_half(&format!("{name} forward"), &read(b, &y, y_len(&s)), &want, true, 1e-5);
+        b.conv_forward_inference(s, &tx, all(&tw, w.len()), &mut y);
+        check_half(&format!("{name} inference forward"), &read(b, &y, y_len(&s)), &want, true, 1e-5);
+        let (mut dx, mut want_dx) = (b.activations(x.len()), cpu.zeros(x.len()));
+        let (mut dw, mut want_dw) = (b.zeros(w.len()), cpu.zeros(w.len()));
+        b.conv_backward_data(s, &tr, all(&tw, w.len()), &mut dx);
+        cpu.conv_backward_data(s, &r, all(&w, w.len()), &mut want_dx);
+        b.conv_backward_filter(s, &tx, &tr, all_mut(&mut dw, w.len()));
+        cpu.conv_backward_filter(s, &x, &r, all_mut(&mut want_dw, w.len()));
+        if s.pad == 1 {
+            check_half(&format!("{name} dx"), &read(b, &dx, x.len()), &want_dx, true, 1e-5);
+        }
+        check_half(&format!("{name} dw"), &read(b, &dw, w.len()), &want_dw, false, 1e-5);
+    }
+    // Bias + GELU (the whitening layer).
+    let (pixels, c) = (10, 4);
+    let (z0, bias, da) = (f16_exact(&random(pixels * c, 34)), random(c, 35), f16_exact(&random(pixels * c, 36)));
+    let (mut z, mut a, mut want_z, mut want_a) = (upload_activations(b, &z0), b.activations(z0.len()), z0.clone(), cpu.zeros(z0.len()));
+    b.bias_gelu_forward(pixels, c, &mut z, all(&upload(b, &bias), c), &mut a);
+    cpu.bias_gelu_forward(pixels, c, &mut want_z, all(&bias, c), &mut want_a);
+    let z_half = read(b, &z, z0.len());
+    check_half("bias + gelu z", &z_half, &want_z, true, 1e-6);
+    check_half("bias + gelu a", &read(b, &a, z0.len()), &want_a, true, 1e-6);
+    let (mut dbias, mut want_dbias) = (b.zeros(c), cpu.zeros(c));
+    b.bias_gelu_backward(pixels, c, &upload_activations(b, &z_half), &upload_activations(b, &da), all_mut(&mut dbias, c));
+    cpu.bias_gelu_backward(pixels, c, &z_half, &da, all_mut(&mut want_dbias, c));
+    check_half("bias + gelu dbias", &read(b, &dbias, c), &want_dbias, false, 1e-5);
+    // Pool → BN → act, forward and backward, over several row chunks and channel groups.
+    for act in [Act::Gelu, Act::Silu] {
+        let s = PoolBnShape { n: 8, h: 17, w: 16, c: 70, pool: 2, act };
+        let out = s.n * s.out_h() * s.out_w() * s.c;
+        let (y, beta, r) = (f16_exact(&random(s.n * s.h * s.w * s.c, 37)), random(s.c, 38), f16_exact(&random(out, 39)));
+        let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
+        let fresh_running = [vec![0.0; s.c], vec![1.0; s.c]].concat();
+        let (mut running, mut want_running) = (upload(b, &fresh_running), fresh_running.clone());
+        let (ty, tbeta) = (upload_activations(b, &y), upload(b, &beta));
+        let (mut z, mut a, mut saved) = (b.activations(out), b.activations(out), b.zeros(2 * s.c));
+        let (mut want_z, mut want_a, mut want_saved) = (cpu.zeros(out), cpu.zeros(out), cpu.zeros(2 * s.c));
+        b.pool_bn_act_forward(s, mode, &ty, all(&tbeta, s.c), all_mut(&mut running, 2 * s.c), &mut z, &mut a, &mut saved);
+        let running_view = all_mut(&mut want_running, 2 * s.c);
+        cpu.pool_bn_act_forward(s, mode, &y, all(&beta, s.c), running_view, &mut want_z, &mut want_a, &mut want_saved);
+        let what = format!("pool bn {act:?}");
+        let z_half = read(b, &z, out);
+        check_half(&format!("{what} z"), &z_half, &want_z, true, 1e-5);
+        check_half(&format!("{what} a"), &read(b, &a, out), &want_a, true, 1e-5);
+        check_half(&format!("{what} saved"), &read(b, &saved, 2 * s.c), &want_saved, false, 1e-5);
+        check_half(&format!("{what} running"), &read(b, &running, 2 * s.c), &want_running, false, 1e-5);
+        // Backward from the same z and statistics on both sides.
+        let (mut da, mut dy, mut dbeta) = (upload_activations(b, &r), upload_activations(b, &vec![7.0; y.len()]), b.zeros(s.c));
+        let saved_both = upload(b, &want_saved);
+        b.pool_bn_act_backward(
+            s,
+            &ty,
+            &upload_activations(b, &z_half),
+            &saved_both,
+            all(&tbeta, s.c),
+            &mut da,
+            &mut dy,
+            all_mut(&mut dbeta, s.c),
+        );
+        let (mut want_da, mut want_dy, mut want_dbeta) = (r.clone(), vec![7.0; y.len()], cpu.zeros(s.c));
+        cpu.pool_bn_act_backward(s, &y, &z_half, &want_saved, all(&beta, s.c), &mut want_da, &mut want_dy, all_mut(&mut want_dbeta, s.c));
+        check_half(&format!("{what} dy"), &read(b, &dy, y.len()), &want_dy, true, 1e-4);
+        check_half(&format!("{what} dbeta"), &read(b, &dbeta, s.c), &read_cpu(&want_dbeta, s.c), false, 1e-4);
+    }
+    // Max-pool moves values: exact.
+    let s = PoolBnShape { n: 2, h: 7, w: 7, c: 3, pool: 3, act: Act::Gelu };
+    let (x, r) = (f16_exact(&random(s.n * 49 * s.c, 40)), f16_exact(&random(s.n * 4 * s.c, 41)));
+    let (mut y, mut want_y) = (b.activations(r.len()), cpu.zeros(r.len()));
+    b.max_pool_forward(s, &upload_activations(b, &x), &mut y);
+    cpu.max_pool_forward(s, &x, &mut want_y);
+    check_half("max_pool forward", &read(b, &y, r.len()), &want_y, true, 0.0);
+    let (mut dx, mut want_dx) = (upload_activations(b, &vec![7.0; x.len()]), vec![7.0; x.len()]);
+    b.max_pool_backward(s, &upload_activations(b, &x), &upload_activations(b, &r), &mut dx);
+    cpu.max_pool_backward(s, &x, &r, &mut want_dx);
+    check_half("max_pool dx", &read(b, &dx, x.len()), &want_dx, true, 0.0);
+    // The head: f16 features in, f32 logits out; the feature gradient stored in f16.
+    let (n, c_in, scale) = (4, 6, 1.0 / 9.0);
+    let (x, w, dlogits) = (f16_exact(&random(n * c_in, 42)), random(10 * c_in, 43), random(n * 10, 44));
+    let (tx, tw) = (upload_activations(b, &x), upload(b, &w));
+    let (mut logits, mut want_logits) = (b.zeros(n * 10), cpu.zeros(n * 10));
+    b.linear_forward(n, c_in, 10, scale, &tx, all(&tw, w.len()), &mut logits);
+    cpu.linear_forward(n, c_in, 10, scale, &x, all(&w, w.len()), &mut want_logits);
+    check_half("linear logits", &read(b, &logits, n * 10), &want_logits, false, 1e-5);
+    let (mut dx, mut dw, mut want_dx, mut want_dw) = (b.activations(x.len()), b.zeros(w.len()), cpu.zeros(x.len()), cpu.zeros(w.len()));
+    b.linear_backward(n, c_in, 10, scale, &tx, all(&tw, w.len()), &upload(b, &dlogits), &mut dx, all_mut(&mut dw, w.len()));
+    cpu.linear_backward(n, c_in, 10, scale, &x, all(&w, w.len()), &dlogits, &mut want_dx, all_mut(&mut want_dw, w.len()));
+    check_half("linear dx", &read(b, &dx, x.len()), &want_dx, true, 1e-5);
+    check_half("linear dw", &read(b, &dw, w.len()), &want_dw, false, 1e-5);
+    // The input batch, stored in f16.
+    let pixels: Vec<u8> = (0..3 * 3072).map(|i| (i * 7 % 251) as u8).collect();
+    let index = [2u32, 0, 1];
+    let crop = [Crop { dy: 2, dx: -1, flip: true }, Crop::IDENTITY, Crop { dy: -1, dx: 1, flip: false }].map(|c| c.pack());
+    let (mut ti, mut tc, mut tl) = (b.index_zeros(3), b.index_zeros(3), b.index_zeros(3));
+    b.upload_index(all_mut(&mut ti, 3), &index);
+    b.upload_index(all_mut(&mut tc, 3), &crop);
+    let mut x = b.activations(3 * 3072);
+    b.load_batch(&b.upload_images(&pixels, &[4, 5, 6]), all(&ti, 3), all(&tc, 3), None, &mut x, &mut tl);
+    let (mut want_x, mut want_l) = (cpu.zeros(3 * 3072), cpu.index_zeros(3));
+    cpu.load_batch(
+        &cpu.upload_images(&pixels, &[4, 5, 6]),
+        all(&index.to_vec(), 3),
+        all(&crop.to_vec(), 3),
+        None,
+        &mut want_x,
+        &mut want_l,
+    );
+    check_half("load_batch", &read(b, &x, 3 * 3072), &want_x, true, 1e-6);
+}
+
+backend_tests!(cpu_half, Some(speedrun::backend::cpu::Cpu::with_precision(speedrun::backend::Precision::Half)), [half_storage]);
+#[cfg(feature = "wgpu")]
+backend_tests!(wgpu_half_tiled, crate::common::wgpu_half_device().inspect(|g| g.set_tiled_convolutions(true)), [half_storage]);
+#[cfg(feature = "wgpu")]
+backend_tests!(wgpu_half_direct, crate::common::wgpu_half_device().inspect(|g| g.set_tiled_convolutions(false)), [half_storage]);

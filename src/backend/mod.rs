@@ -189,6 +189,11 @@ pub trait Backend {
         None
     }
     fn zeros(&self, len: usize) -> Self::Tensor;
+    /// A zeroed buffer for activations or their gradients, stored as `precision` says
+    /// (f32 `zeros` where the backend stores f32 only). `copy` and `fill` need f32 tensors.
+    fn activations(&self, len: usize) -> Self::Tensor {
+        self.zeros(len)
+    }
     fn index_zeros(&self, len: usize) -> Self::Index;
     fn upload(&self, dst: ViewMut<Self::Tensor>, src: &[f32]);
     fn upload_index(&self, dst: ViewMut<Self::Index>, src: &[u32]);

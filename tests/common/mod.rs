@@ -117,6 +117,23 @@ pub fn wgpu_device() -> Option<speedrun::backend::wgpu::Wgpu> {
     }
 }
 
+/// A wgpu device storing activations in f16, or None (with a message) where there is no
+/// adapter or it has no `shader-f16`. With `SPEEDRUN_REQUIRE_F16=1` (as `.ci/run` sets for
+/// lavapipe) that fails the test.
+#[cfg(feature = "wgpu")]
+pub fn wgpu_half_device() -> Option<speedrun::backend::wgpu::Wgpu> {
+    use speedrun::backend::{block_on, wgpu, Precision};
+    let device = block_on(wgpu::default_adapter()).and_then(|a| block_on(wgpu::Wgpu::with_precision(a, Precision::Half)));
+    match device {
+        Ok(device) => Some(device),
+        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_F16").is_none() => {
+            eprintln!("SKIPPED: no wgpu adapter with f16 ({e:#}); set SPEEDRUN_REQUIRE_F16=1 to make this a failure");
+            None
+        }
+        Err(e) => panic!("SPEEDRUN_REQUIRE_F16 is set but there is no wgpu adapter with f16: {e:#}"),
+    }
+}
+
 /// The CUDA backend on GPU 0, with TF32 convolutions on or off, or None (with a message) where
 /// there is no driver. With `SPEEDRUN_REQUIRE_CUDA=1` (set on GPU machines) that fails the test.
 #[cfg(feature = "cuda")]

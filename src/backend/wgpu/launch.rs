@@ -2,8 +2,10 @@
 //! `shaders/`. Parameters are u32 words (f32 as bits) in the order of the shader's `Params`.
 
 use super::{Buf, GpuImages, Wgpu};
-use crate::backend::{Act, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut, CLASSES, MOMENTS, SIDE};
+use crate::backend::{Act, Backend, BnMode, ConvShape, PoolBnShape, Precision, View, ViewMut, CLASSES, MOMENTS, SIDE};
+use half::f16;
 use std::future::Future;
+use std::ops::Range;
 
 /// Workgroups for `n` invocations of `size`, as a 2-D grid (each dimension ≤ 65535).
 fn grid(n: usize, size: usize) -> [u32; 3] {
@@ -126,6 +128,10 @@ impl Backend for Wgpu {
         format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
     }
 
+    fn precision(&self) -> Precision {
+        self.precision
+    }
+
     fn max_tensor_len(&self) -> usize {
         (self.max_binding / 4) as usize
     }
@@ -140,18 +146,31 @@ impl Backend for Wgpu {
         self.buffer(len, "tensor") // wgpu zero-initialises every buffer
     }
 
+    fn activations(&self, len: usize) -> Buf {
+        self.buffer_of(len, self.precision == Precision::Half, "activations")
+    }
+
     fn index_zeros(&self, len: usize) -> Buf {
         self.buffer(len, "index")
     }
 
+    /// Into an f16 buffer: rounded to f16 on the host, in whole words, so the window must
+    /// start at an even index and end at one or at the buffer's end.
     fn upload(&self, dst: ViewMut<Buf>, src: &[f32]) {
         assert_eq!(dst.range.len(), src.len());
-        self.write(dst.buf, dst.range.start, bytemuck::cast_slice(src));
+        if !dst.buf.half {
+            return self.write(dst.buf, dst.range.start * 4, bytemuck::cast_slice(src));
+        }
+        let Range { start, end } = dst.range;
+        assert!(start % 2 == 0 && (end % 2 == 0 || end == dst.buf.len), "an f16 upload must cover whole words");
+        let mut halves: Vec<f16> = src.iter().map(|&v| f16::from_f32(v)).collect();
+        halves.resize(src.len().div_ceil(2) * 2, f16::ZERO);
+        self.write(dst.buf, start * 2, bytemuck::cast_slice(&halves));
     }
 
     fn upload_index(&self, dst: ViewMut<Buf>, src: &[u32]) {
         assert_eq!(dst.range.len(), src.len());
-        self.write(dst.buf, dst.range.start, bytemuck::cast_slice(src));
+        self.write(dst.buf, dst.range.start * 4, bytemuck::cast_slice(src));
     }
 
     fn upload_images(&self, pixels: &[u8], labels: &[u8]) -> GpuImages {
@@ -159,17 +178,27 @@ impl Backend for Wgpu {
         self.upload_images_split(pixels, labels, per_part).unwrap_or_else(|e| panic!("{e:#}"))
     }
 
+    // `copy`, `fill` and the optimizer's ops work on f32 tensors (parameters and statistics).
     fn copy(&self, src: View<Buf>, dst: ViewMut<Buf>) {
         assert_eq!(src.range.len(), dst.range.len());
+        assert!(!src.buf.half && !dst.buf.half, "copy works on f32 tensors");
         self.optim("copy", dst.range.len(), [dst.range.start, src.range.start, 0], [0.0; 5], &[&src.buf.buffer, &dst.buf.buffer]);
     }
 
     fn fill(&self, dst: ViewMut<Buf>, value: f32) {
+        assert!(!dst.buf.half, "fill works on f32 tensors");
         self.optim("fill", dst.range.len(), [dst.range.start, 0, 0], [0.0, 0.0, 0.0, value, 0.0], &[&dst.buf.buffer]);
     }
 
     async fn read(&self, src: View<'_, Buf>) -> Vec<f32> {
-        bytemuck::cast_slice(&self.read_words(&src.buf.buffer, src.range).await).to_vec()
+        if !src.buf.half {
+            return bytemuck::cast_slice(&self.read_words(&src.buf.buffer, src.range).await).to_vec();
+        }
+        // Whole words: from the word holding the first value to the one holding the last.
+        let Range { start, end } = src.range;
+        let bytes = self.read_words(&src.buf.buffer, start / 2..end.div_ceil(2)).await;
+        let halves: &[f16] = bytemuck::cast_slice(&bytes);
+        halves[start % 2..start % 2 + (end - start)].iter().map(|v| v.to_f32()).collect()
     }
 
     fn sync(&self) -> impl Future<Output = ()> {
@@ -302,11 +331,13 @@ impl Backend for Wgpu {
         let (c, rows) = (s.c, s.n * s.out_h() * s.out_w());
         let (groups, part) = self.partials(rows, c);
         let means = self.scratch("bn backward means", 2 * c);
+        let dz = self.scratch("bn backward dz", rows * c); // f32, whatever the activations' storage
         let params = Self::with_act(Self::norm_params(rows, c, None, beta.range.start, 0, 0.0, 0.0), s.act);
-        self.run("partials_bn_bwd", &params, &[&z.buffer, &beta.buf.buffer, &da.buffer, &part], groups);
+        self.run("partials_bn_bwd", &params, &[&z.buffer, &beta.buf.buffer, &da.buffer, &part, &dz], groups);
         let finalize = Self::norm_params(rows, c, None, dbeta.range.start, 0, 0.0, 0.0);
         self.run("finalize_bn_bwd", &finalize, &[&dbeta.buf.buffer, &means, &part], Self::per_channel(c));
-        self.run("bn_bwd_apply", &params, &[&z.buffer, &beta.buf.buffer, &saved.buffer, &da.buffer, &means], grid(rows * c, 256));
+        let bufs = [&z.buffer, &beta.buf.buffer, &saved.buffer, &da.buffer, &means, &dz];
+        self.run("bn_bwd_apply", &params, &bufs, grid(rows * c, 256));
         self.pool(&s, "max_pool_bwd", &[&y.buffer, &da.buffer, &dy.buffer]);
     }
 

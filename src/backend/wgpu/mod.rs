@@ -1,7 +1,8 @@
 //! The WGSL backend: every op is a compute shader from `shaders/*.wgsl` (one file per layer
 //! family, with `shaders/common.wgsl` prepended, and `shaders/gemm.wgsl`, the tiles they
 //! share, before the GEMM families `conv` and `linalg`), run through wgpu on Vulkan, Metal,
-//! DX12 or the browser's WebGPU. f32 throughout, NHWC, as the CPU reference.
+//! DX12 or the browser's WebGPU. NHWC, as the CPU reference; all math in f32, activations
+//! stored in f32 or, under `Precision::Half` (adapters with `shader-f16`), in f16.
 //!
 //! How a step runs: every op records its dispatches into one open command encoder; nothing
 //! waits for the device until `read` or `sync`. Pipelines are built once at start-up, bind
@@ -14,16 +15,19 @@ mod profile;
 
 pub use profile::KernelTime;
 
+use crate::backend::Precision;
 use anyhow::{anyhow, bail, Result};
 use std::borrow::Cow;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ops::Range;
 
-/// A device buffer of f32 or u32 values.
+/// A device buffer of `len` f32 or u32 values, or f16 values where `half` is set
+/// (activations under half precision).
 pub struct Buf {
     buffer: wgpu::Buffer,
     len: usize,
+    half: bool,
 }
 
 /// The dataset on the device: u8 NHWC images packed four to a u32, split into two bindings
@@ -37,23 +41,28 @@ pub struct GpuImages {
 /// One shader family: its source (after `common.wgsl`; the GEMM families start with
 /// `gemm.wgsl`, the tiles they share), which storage bindings it declares
 /// read-only, and each entry point with the bindings it uses (binding 0 is always the
-/// parameter slot).
+/// parameter slot) and, of those declared `array<Tn>`, the ones holding activations there.
 struct Family {
     name: &'static str,
     source: &'static str,
     read_only: &'static [u32],
-    entries: &'static [(&'static str, &'static [u32])],
+    entries: &'static [Entry],
 }
+
+/// An entry point, its bindings, and which of its `Tn` bindings hold activations.
+type Entry = (&'static str, &'static [u32], &'static [u32]);
+
+const NONE: &[u32] = &[];
 
 const COMMON: &str = include_str!("../../../shaders/common.wgsl");
 
-const CONV_ENTRIES: &[(&str, &[u32])] = &[
-    ("forward", &[1, 2, 3]),
-    ("rotate", &[2, 5]),
-    ("wgrad", &[1, 4, 5]),
-    ("reduce_splits", &[3, 5]),
-    ("forward_direct", &[1, 2, 3]),
-    ("wgrad_direct", &[1, 4, 5]),
+const CONV_ENTRIES: &[Entry] = &[
+    ("forward", &[1, 2, 3], &[3]),
+    ("rotate", &[2, 5], NONE),
+    ("wgrad", &[1, 4, 5], NONE),
+    ("reduce_splits", &[3, 5], NONE),
+    ("forward_direct", &[1, 2, 3], &[3]),
+    ("wgrad_direct", &[1, 4, 5], NONE),
 ];
 
 const FAMILIES: [Family; 6] = [
@@ -68,20 +77,20 @@ const FAMILIES: [Family; 6] = [
         source: include_str!("../../../shaders/norm.wgsl"),
         read_only: &[1, 2, 3],
         entries: &[
-            ("bias_gelu_fwd", &[1, 4, 5]),
-            ("max_pool_fwd", &[1, 4]),
-            ("max_pool_bwd", &[1, 2, 4]),
-            ("partials_sum", &[1, 6]),
-            ("partials_sqdev", &[1, 2, 6]),
-            ("partials_gelu_grad", &[1, 2, 6]),
-            ("partials_bn_bwd", &[1, 2, 4, 6]),
-            ("finalize_sum", &[4, 6]),
-            ("finalize_mean", &[4, 6]),
-            ("finalize_var", &[4, 5, 6]),
-            ("eval_stats", &[1, 4]),
-            ("finalize_bn_bwd", &[4, 5, 6]),
-            ("bn_act_apply", &[1, 2, 4, 5]),
-            ("bn_bwd_apply", &[1, 2, 3, 4, 5]),
+            ("bias_gelu_fwd", &[1, 4, 5], &[4, 5]),
+            ("max_pool_fwd", &[1, 4], &[1, 4]),
+            ("max_pool_bwd", &[1, 2, 4], &[1, 2, 4]),
+            ("partials_sum", &[1, 6], &[1]),
+            ("partials_sqdev", &[1, 2, 6], &[1]),
+            ("partials_gelu_grad", &[1, 2, 6], &[1, 2]),
+            ("partials_bn_bwd", &[1, 2, 4, 6, 7], &[1, 4]),
+            ("finalize_sum", &[4, 6], NONE),
+            ("finalize_mean", &[4, 6], NONE),
+            ("finalize_var", &[4, 5, 6], NONE),
+            ("eval_stats", &[1, 4], NONE),
+            ("finalize_bn_bwd", &[4, 5, 6], NONE),
+            ("bn_act_apply", &[1, 2, 4, 5], &[4, 5]),
+            ("bn_bwd_apply", &[1, 2, 3, 4, 5, 7], &[1, 4]),
         ],
     },
     Family {
@@ -89,11 +98,11 @@ const FAMILIES: [Family; 6] = [
         source: include_str!("../../../shaders/head.wgsl"),
         read_only: &[1, 2, 3],
         entries: &[
-            ("linear_fwd", &[1, 2, 4]),
-            ("linear_bwd_data", &[1, 2, 4]),
-            ("linear_bwd_filter", &[1, 2, 4]),
-            ("cross_entropy", &[1, 3, 4, 6]),
-            ("cross_entropy_total", &[5, 6]),
+            ("linear_fwd", &[1, 2, 4], &[1]),
+            ("linear_bwd_data", &[1, 2, 4], &[4]),
+            ("linear_bwd_filter", &[1, 2, 4], &[2]),
+            ("cross_entropy", &[1, 3, 4, 6], NONE),
+            ("cross_entropy_total", &[5, 6], NONE),
         ],
     },
     Family {
@@ -101,27 +110,27 @@ const FAMILIES: [Family; 6] = [
         source: include_str!("../../../shaders/optim.wgsl"),
         read_only: &[1],
         entries: &[
-            ("sgd", &[1, 2, 3]),
-            ("lookahead", &[2, 3]),
-            ("nesterov", &[1, 2, 3]),
-            ("axpby", &[1, 2]),
-            ("fill", &[2]),
-            ("copy", &[1, 2]),
-            ("sumsq_partials", &[2, 4]),
-            ("scale_by_norm", &[2, 4]),
+            ("sgd", &[1, 2, 3], NONE),
+            ("lookahead", &[2, 3], NONE),
+            ("nesterov", &[1, 2, 3], NONE),
+            ("axpby", &[1, 2], NONE),
+            ("fill", &[2], NONE),
+            ("copy", &[1, 2], NONE),
+            ("sumsq_partials", &[2, 4], NONE),
+            ("scale_by_norm", &[2, 4], NONE),
         ],
     },
     Family {
         name: "data.wgsl",
         source: include_str!("../../../shaders/data.wgsl"),
         read_only: &[1, 2, 3, 4, 5, 9],
-        entries: &[("load_batch", &[1, 2, 3, 4, 5, 9, 6, 7]), ("patch_moments", &[1, 2, 4, 8])],
+        entries: &[("load_batch", &[1, 2, 3, 4, 5, 9, 6, 7], NONE), ("patch_moments", &[1, 2, 4, 8], NONE)],
     },
     Family {
         name: "linalg.wgsl",
         source: concat!(include_str!("../../../shaders/gemm.wgsl"), "\n", include_str!("../../../shaders/linalg.wgsl")),
         read_only: &[1, 2],
-        entries: &[("matmul", &[1, 2, 3, 4]), ("matmul_reduce", &[3, 4])],
+        entries: &[("matmul", &[1, 2, 3, 4], NONE), ("matmul_reduce", &[3, 4], NONE)],
     },
 ];
 
@@ -160,6 +169,7 @@ pub struct Wgpu {
     /// Convolutions with workgroup-memory tiling where they have 16 or more output channels
     /// (the default), or all direct (the naive baseline, for tests and benchmarks).
     tiled: std::cell::Cell<bool>,
+    precision: Precision,
 }
 
 /// The adapter wgpu picks (`WGPU_BACKEND`, `WGPU_ADAPTER_NAME` etc. steer it), preferring a
@@ -183,10 +193,23 @@ impl Wgpu {
         Wgpu::on(default_adapter().await?).await
     }
 
-    /// A device on `adapter`. Asks for the WebGPU default limits, raised to the adapter's
-    /// buffer-size limits (activations at batch 1024 exceed the default 128 MiB binding).
+    /// A device on `adapter`, f32 throughout.
     pub async fn on(adapter: wgpu::Adapter) -> Result<Wgpu> {
+        Wgpu::with_precision(adapter, Precision::F32).await
+    }
+
+    /// A device on `adapter` storing activations as `precision` says (half needs the adapter's
+    /// `shader-f16`). Asks for the WebGPU default limits, raised to the adapter's buffer-size
+    /// limits (activations at batch 1024 exceed the default 128 MiB binding).
+    pub async fn with_precision(adapter: wgpu::Adapter, precision: Precision) -> Result<Wgpu> {
         let have = adapter.limits();
+        let half = precision == Precision::Half;
+        if half && !adapter.features().contains(wgpu::Features::SHADER_F16) {
+            bail!(
+                "--precision half needs f16 in shaders (shader-f16), which this adapter ({}) does not offer; use --precision f32",
+                adapter.get_info().name
+            );
+        }
         let limits = wgpu::Limits {
             max_storage_buffer_binding_size: have.max_storage_buffer_binding_size,
             max_buffer_size: have.max_buffer_size,
@@ -194,12 +217,14 @@ impl Wgpu {
         };
         let descriptor = wgpu::DeviceDescriptor {
             label: Some("speedrun"),
-            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY, // for `speedrun profile`
+            // Timestamps for `speedrun profile`; f16 for half precision.
+            required_features: adapter.features() & wgpu::Features::TIMESTAMP_QUERY
+                | if half { wgpu::Features::SHADER_F16 } else { wgpu::Features::empty() },
             required_limits: limits,
             ..Default::default()
         };
         let (device, queue) = adapter.request_device(&descriptor).await.map_err(|e| anyhow!("cannot open the wgpu device: {e}"))?;
-        let kernels = build_kernels(&device);
+        let kernels = build_kernels(&device, precision);
         let ring = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("parameter ring"),
             size: (PARAM_SLOT * RING_SLOTS) as u64,
@@ -220,6 +245,7 @@ impl Wgpu {
             ring,
             state: RefCell::default(),
             tiled: std::cell::Cell::new(true),
+            precision,
         })
     }
 
@@ -242,8 +268,16 @@ impl Wgpu {
         self.tiled.set(tiled);
     }
 
+    /// A buffer of `len` 4-byte values.
     fn buffer(&self, len: usize, label: &str) -> Buf {
-        let bytes = (len.max(1) * 4) as u64;
+        self.buffer_of(len, false, label)
+    }
+
+    /// A buffer of `len` f16 values where `half` is set, else of 4-byte values. Sizes are
+    /// rounded up to whole 4-byte words (copies and bindings move whole words).
+    fn buffer_of(&self, len: usize, half: bool, label: &str) -> Buf {
+        let words = if half { len.max(1).div_ceil(2) } else { len.max(1) };
+        let bytes = (words * 4) as u64;
         assert!(
             bytes <= self.max_binding,
             "a {label} buffer of {bytes} bytes exceeds this adapter's binding limit of {} bytes",
@@ -252,14 +286,15 @@ impl Wgpu {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let buffer =
             self.device.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: bytes, usage, mapped_at_creation: false });
-        Buf { buffer, len }
+        Buf { buffer, len, half }
     }
 
+    /// Writes `data` at byte `offset` (both whole 4-byte words) of `dst`.
     fn write(&self, dst: &Buf, offset: usize, data: &[u8]) {
-        assert!(offset * 4 + data.len() <= dst.len.max(1) * 4, "upload past the end of a buffer");
+        assert!(offset + data.len() <= dst.buffer.size() as usize, "upload past the end of a buffer");
         self.flush(); // work already recorded must see the old contents
         if !data.is_empty() {
-            self.queue.write_buffer(&dst.buffer, (offset * 4) as u64, data);
+            self.queue.write_buffer(&dst.buffer, offset as u64, data);
         }
     }
 
@@ -348,7 +383,7 @@ impl Wgpu {
         }
     }
 
-    /// Reads `range` (in 4-byte values) of `src` back once all recorded work is done.
+    /// Reads `range` (in 4-byte words) of `src` back once all recorded work is done.
     async fn read_words(&self, src: &wgpu::Buffer, range: Range<usize>) -> Vec<u8> {
         if range.is_empty() {
             return Vec::new();
@@ -418,15 +453,31 @@ impl Wgpu {
     }
 }
 
-fn build_kernels(device: &wgpu::Device) -> HashMap<&'static str, Kernel> {
+/// The storage types `common.wgsl` describes, for a kernel whose bindings `activations` hold
+/// activations: `H` and `T1`..`T9`.
+fn preamble(precision: Precision, activations: &[u32]) -> String {
+    let h = match precision {
+        Precision::F32 => "alias H = f32;\n",
+        Precision::Half => "enable f16;\nalias H = f16;\n",
+    };
+    let t = (1..=9).map(|n| format!("alias T{n} = {};\n", if activations.contains(&n) { "H" } else { "f32" }));
+    h.to_string() + &t.collect::<String>()
+}
+
+/// Every kernel's pipeline; a family's source is compiled once per distinct preamble of its
+/// entries (once in f32, where every `Tn` is f32).
+fn build_kernels(device: &wgpu::Device, precision: Precision) -> HashMap<&'static str, Kernel> {
     let mut kernels = HashMap::new();
     for family in &FAMILIES {
-        let source = format!("{COMMON}\n{}", family.source);
-        let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(family.name),
-            source: wgpu::ShaderSource::Wgsl(Cow::Owned(source)),
-        });
-        for &(entry, slots) in family.entries {
+        let mut modules: HashMap<String, wgpu::ShaderModule> = HashMap::new();
+        for &(entry, slots, activations) in family.entries {
+            let preamble = preamble(precision, if precision == Precision::F32 { NONE } else { activations });
+            let module = modules.entry(preamble).or_insert_with_key(|preamble| {
+                device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(family.name),
+                    source: wgpu::ShaderSource::Wgsl(Cow::Owned(format!("{preamble}{COMMON}\n{}", family.source))),
+                })
+            });
             let mut layout_entries = vec![wgpu::BindGroupLayoutEntry {
                 binding: 0,
                 visibility: wgpu::ShaderStages::COMPUTE,
@@ -456,7 +507,7 @@ fn build_kernels(device: &wgpu::Device) -> HashMap<&'static str, Kernel> {
             let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                 label: Some(entry),
                 layout: Some(&pipeline_layout),
-                module: &module,
+                module,
                 entry_point: Some(entry),
                 compilation_options: Default::default(),
                 cache: None,
