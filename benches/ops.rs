@@ -3,13 +3,14 @@
 //! per backend.
 //!
 //! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
-//! --w1 64 --w2 256 --w3 256]` (defaults: batch
-//! 64, 3 repetitions, every backend; each op is timed after one untimed warm-up call,
+//! --precision f32|half|both --w1 64 --w2 256 --w3 256]` (defaults: batch 64, 3 repetitions,
+//! every backend; wgpu in both precisions where the adapter has f16, the CPU in f32, as its
+//! half is an emulation for accuracy checks; each op is timed after one untimed warm-up call,
 //! synchronised before and after). A conv's GFLOP/s counts a direct convolution's 2·MACs,
 //! whatever the algorithm (Winograd does a quarter of the multiplies: its rate is effective);
 //! `infer` is the inference forward (`conv_forward_inference`), not part of a training step.
 
-use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Act, Backend, BnMode, ConvShape, View, ViewMut};
+use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Act, Backend, BnMode, ConvShape, Precision, View, ViewMut};
 use speedrun::model::{layers, Arch, Layout, Net};
 use speedrun::rng::Rng;
 use std::time::Instant;
@@ -35,14 +36,14 @@ fn time<B: Backend>(b: &B, reps: usize, mut f: impl FnMut()) -> f64 {
     t.elapsed().as_secs_f64() / reps as f64
 }
 
-fn random<B: Backend>(b: &B, len: usize, rng: &mut Rng) -> B::Tensor {
-    let mut t = b.zeros(len);
+/// `t` (of `len` values) filled with uniform values in ±1.
+fn random<B: Backend>(b: &B, mut t: B::Tensor, len: usize, rng: &mut Rng) -> B::Tensor {
     b.upload(all_mut(&mut t, len), &(0..len).map(|_| rng.symmetric(1.0)).collect::<Vec<_>>());
     t
 }
 
 fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
-    println!("backend {} on {}; batch {n}; widths {widths:?}; {reps} reps", b.name(), b.device_name());
+    println!("backend {} on {}; {} storage; batch {n}; widths {widths:?}; {reps} reps", b.name(), b.device_name(), b.precision().name());
     println!("{:<28} {:>10} {:>10}", "op", "ms", "GFLOP/s");
     let mut rng = Rng::new(0);
     let row = |name: &str, secs: f64, flops: f64| {
@@ -53,10 +54,11 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
     for l in layers(widths) {
         let s: ConvShape = l.conv_shape(n);
         let flops = 2.0 * s.macs() as f64;
-        let x = random(b, n * s.h * s.w * s.c_in, &mut rng);
-        let w = random(b, s.c_out * 9 * s.c_in, &mut rng);
-        let mut y = random(b, n * s.out_h() * s.out_w() * s.c_out, &mut rng);
-        let mut dx = b.zeros(n * s.h * s.w * s.c_in);
+        let (x_len, y_len) = (n * s.h * s.w * s.c_in, n * s.out_h() * s.out_w() * s.c_out);
+        let x = random(b, b.activations(x_len), x_len, &mut rng);
+        let w = random(b, b.zeros(w_len(&s)), w_len(&s), &mut rng);
+        let mut y = random(b, b.activations(y_len), y_len, &mut rng);
+        let mut dx = b.activations(x_len);
         let mut dw = b.zeros(w_len(&s));
         let name = format!("block{}.conv{} {}→{} {}²", l.block, l.conv, s.c_in, s.c_out, s.h);
         let f = time(b, reps, || b.conv_forward(s, &x, all(&w, w_len(&s)), &mut y));
@@ -69,9 +71,9 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         row(&format!("{name} wgrad"), g, flops);
         let bs = l.bn_shape(n, Act::Gelu);
         let out = n * l.out_side().pow(2) * l.c_out;
-        let (beta, mut running) = (random(b, l.c_out, &mut rng), random(b, 2 * l.c_out, &mut rng));
-        let (mut z, mut a, mut saved) = (b.zeros(out), b.zeros(out), b.zeros(2 * l.c_out));
-        let (mut da, mut dbeta, mut dy) = (random(b, out, &mut rng), b.zeros(l.c_out), b.zeros(n * s.out_h() * s.out_w() * s.c_out));
+        let (beta, mut running) = (random(b, b.zeros(l.c_out), l.c_out, &mut rng), random(b, b.zeros(2 * l.c_out), 2 * l.c_out, &mut rng));
+        let (mut z, mut a, mut saved) = (b.activations(out), b.activations(out), b.zeros(2 * l.c_out));
+        let (mut da, mut dbeta, mut dy) = (random(b, b.activations(out), out, &mut rng), b.zeros(l.c_out), b.activations(y_len));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
         let bf = time(b, reps, || {
             b.pool_bn_act_forward(bs, mode, &y, all(&beta, l.c_out), all_mut(&mut running, 2 * l.c_out), &mut z, &mut a, &mut saved)
@@ -132,25 +134,42 @@ fn main() {
     let (n, reps) = (arg("--batch", 64), arg("--reps", 3));
     let widths = [arg("--w1", 64), arg("--w2", 256), arg("--w3", 256)];
     let which = arg_str("--backend", "all");
+    let precision = arg_str("--precision", "");
+    let precisions = |default: &'static [Precision]| -> &'static [Precision] {
+        match precision.as_str() {
+            "" => default,
+            "f32" => &[Precision::F32],
+            "half" => &[Precision::Half],
+            "both" => &[Precision::F32, Precision::Half],
+            other => panic!("--precision f32, half or both, not {other}"),
+        }
+    };
     if which == "cpu" || which == "all" {
-        bench(&Cpu::new(), n, reps, widths);
+        for &p in precisions(&[Precision::F32]) {
+            bench(&Cpu::with_precision(p), n, reps, widths);
+        }
     }
     #[cfg(feature = "wgpu")]
     if which == "wgpu" || which == "all" {
-        match block_on(speedrun::backend::wgpu::Wgpu::new()) {
-            Ok(gpu) => {
-                let variants: &[bool] = match arg_str("--conv", "both").as_str() {
-                    "tiled" => &[true],
-                    "direct" => &[false],
-                    _ => &[true, false],
-                };
-                for &tiled in variants {
-                    gpu.set_tiled_convolutions(tiled);
-                    println!("\nwgpu convolutions: {}", if tiled { "tiled (the GPU path)" } else { "direct (the CPU-adapter path)" });
-                    bench(&gpu, n, reps, widths);
+        use speedrun::backend::wgpu::{default_adapter, Wgpu};
+        let variants: &[bool] = match arg_str("--conv", "both").as_str() {
+            "tiled" => &[true],
+            "direct" => &[false],
+            _ => &[true, false],
+        };
+        for &p in precisions(&[Precision::F32, Precision::Half]) {
+            let gpu = match block_on(default_adapter()).and_then(|a| block_on(Wgpu::with_precision(a, p))) {
+                Ok(gpu) => gpu,
+                Err(e) => {
+                    println!("wgpu, {} storage: skipped ({e:#})", p.name());
+                    continue;
                 }
+            };
+            for &tiled in variants {
+                gpu.set_tiled_convolutions(tiled);
+                println!("\nwgpu convolutions: {}", if tiled { "tiled (the GPU path)" } else { "direct (the CPU-adapter path)" });
+                bench(&gpu, n, reps, widths);
             }
-            Err(e) => println!("wgpu: skipped ({e:#})"),
         }
     }
 }

@@ -140,6 +140,7 @@ fn bad_flags_and_paths_are_clean_errors() {
         fails_with(&speedrun(&["train", "--backend", "cuda"], &[]), 1, &missing.to_string());
     }
     fails_with(&speedrun(&["train", "--backend", "tpu"], &[]), 2, "possible values: cpu, wgpu, cuda");
+    fails_with(&speedrun(&["train", "--precision", "double"], &[]), 2, "possible values: f32, half");
     fails_with(&speedrun(&["train", "--data-dir", dir, "--epochs", "0"], &[]), 1, "--epochs must be positive");
     fails_with(&speedrun(&[&["train", "--data-dir", dir, "--batch-size", "100"][..], &TINY].concat(), &[]), 1, "batch size (100)");
     // The run works on this data; saving into a missing folder fails cleanly, leaving nothing.
@@ -227,6 +228,32 @@ fn recipes_train_from_the_command_line() {
         "eval printed {out}, the run measured {}",
         r["accuracy"]
     );
+}
+
+/// `--precision half` on the CPU (the emulation) and on wgpu (f16 storage, lavapipe in CI):
+/// the banner and the JSON row's settings say it; f32 rows leave it out (their fingerprints
+/// stay what they were).
+#[test]
+fn half_precision_from_the_command_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    small_data(tmp.path(), |_| {});
+    let mut backends = vec!["cpu"];
+    #[cfg(feature = "wgpu")]
+    backends.extend(common::wgpu_half_device().map(|_| "wgpu"));
+    for backend in backends {
+        for precision in ["half", "f32"] {
+            let json = tmp.path().join(format!("{backend}-{precision}.jsonl"));
+            let flags = ["--backend", backend, "--precision", precision, "--json", json.to_str().unwrap()];
+            let o = speedrun(&[&["train", "--data-dir", dir, "--batch-size", "32"][..], &TINY, &flags].concat(), &[]);
+            let (out, err) = text(&o);
+            assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+            assert!(out.contains(&format!("{precision} storage")), "{out}");
+            let r: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&json).unwrap().trim()).unwrap();
+            let want = (precision == "half").then_some("half");
+            assert_eq!(r["config"]["precision"].as_str(), want, "backend {backend}");
+        }
+    }
 }
 
 /// `speedrun profile` times every conv pass of a step (epoch 1 includes the whitening-bias

@@ -6,7 +6,7 @@
 mod short_run;
 
 use short_run::synthetic;
-use speedrun::backend::{block_on, cpu::Cpu, Crop};
+use speedrun::backend::{block_on, cpu::Cpu, Crop, Precision};
 use speedrun::data::Split;
 use speedrun::rng::Rng;
 use speedrun::run::{least_confident, run, tta_views, Event, Flow};
@@ -162,7 +162,7 @@ fn train_once(cfg: Config, train: &Split, test: &Split) -> anyhow::Result<(f64, 
 }
 
 fn train_with(cfg: Config, train: &Split, test: &Split, on: &mut dyn FnMut(Event) -> Flow) -> anyhow::Result<(f64, Vec<f32>)> {
-    let b = Cpu::new();
+    let b = Cpu::with_precision(cfg.precision);
     let (train, test) = (DeviceSplit::new(&b, train), DeviceSplit::new(&b, test));
     let mut t = Trainer::new(&b, cfg.clone(), &train)?;
     let mut plain = Evaluator::new(&b, test.len(), cfg.batch_size, 0);
@@ -181,6 +181,18 @@ fn runs_are_deterministic_per_seed() {
     assert_eq!((acc1, &w1), (acc2, &w2), "same seed, same weights");
     let (_, w3) = train_once(Config { seed: 1, ..small_config() }, &train, &test).unwrap();
     assert_ne!(w1, w3, "another seed, other weights");
+}
+
+/// Half precision (the CPU's emulation) is as deterministic, and trains other weights.
+#[test]
+fn half_precision_runs_are_deterministic() {
+    let (train, test) = (synthetic(128, 1), synthetic(64, 2));
+    let half = Config { precision: Precision::Half, ..small_config() };
+    let (acc1, w1) = train_once(half.clone(), &train, &test).unwrap();
+    let (acc2, w2) = train_once(half, &train, &test).unwrap();
+    assert_eq!((acc1, &w1), (acc2, &w2), "same seed, same weights");
+    let (_, w_f32) = train_once(small_config(), &train, &test).unwrap();
+    assert_ne!(w1, w_f32, "f16 storage rounds: other weights than f32's");
 }
 
 /// `Flow::Sync` reports the running loss without changing the run; `Flow::Stop` ends it.
