@@ -5,8 +5,8 @@
 //! (`true`) stops the run. About five times a second the run waits for the GPU and reports
 //! the running loss, which also hands the event loop to the page for repaints and clicks.
 
-use crate::backend::wgpu::Wgpu;
-use crate::backend::Backend;
+use crate::backend::wgpu::{default_adapter, Wgpu};
+use crate::backend::{Backend, Precision};
 use crate::checkpoint;
 use crate::data::{parse_records, Split};
 use crate::run::{self, Event, Flow};
@@ -50,7 +50,8 @@ pub fn recipes() -> String {
     Value::from(list.to_vec()).to_string()
 }
 
-/// `options` (JSON) → the run's `Config` and the train/test image limits.
+/// `options` (JSON) → the run's `Config` (`precision`: `f32`, the default, or `half`, which
+/// needs an adapter with shader-f16) and the train/test image limits.
 fn parse_options(options: &str) -> Result<(Config, Option<usize>, Option<usize>)> {
     let o: Value = serde_json::from_str(options).context("options are not JSON")?;
     let number = |key: &str| o.get(key).and_then(Value::as_f64);
@@ -61,6 +62,11 @@ fn parse_options(options: &str) -> Result<(Config, Option<usize>, Option<usize>)
     cfg.batch_size = count("batch_size").unwrap_or(cfg.batch_size);
     cfg.lr = number("lr").unwrap_or(cfg.lr);
     cfg.seed = number("seed").map_or(cfg.seed, |v| v as u64);
+    cfg.precision = match o.get("precision").and_then(Value::as_str) {
+        None | Some("f32") => Precision::F32,
+        Some("half") => Precision::Half,
+        Some(other) => return Err(anyhow!("precision must be f32 or half, not {other}")),
+    };
     if let Some(w) = o.get("widths").and_then(Value::as_array) {
         let w: Vec<usize> = w.iter().filter_map(Value::as_u64).map(|v| v as usize).collect();
         cfg.widths = w.try_into().ok().filter(|w: &[usize; 3]| !w.contains(&0)).context("widths must be three positive numbers")?;
@@ -92,7 +98,7 @@ pub async fn train(train_records: Vec<u8>, test_records: Vec<u8>, options: Strin
 async fn run(train_records: &[u8], test_records: &[u8], options: &str, on_event: &js_sys::Function) -> Result<Vec<u8>> {
     let (cfg, train_limit, test_limit) = parse_options(options)?;
     let (train_split, test_split) = (split(train_records, train_limit, "training")?, split(test_records, test_limit, "test")?);
-    let gpu = Wgpu::new().await?;
+    let gpu = Wgpu::with_precision(default_adapter().await?, cfg.precision).await?;
     let (train_data, test_data) = (DeviceSplit::new(&gpu, &train_split), DeviceSplit::new(&gpu, &test_split));
     let mut trainer = Trainer::new(&gpu, cfg.clone(), &train_data)?;
     trainer.reset(cfg.seed);
@@ -101,7 +107,8 @@ async fn run(train_records: &[u8], test_records: &[u8], options: &str, on_event:
     let (batch, steps_per_epoch) = (cfg.batch_size, cfg.steps_per_epoch(train_data.len()));
     let send = |event: Value| on_event.call1(&JsValue::NULL, &JsValue::from_str(&event.to_string())).map(|r| r.is_truthy()).unwrap_or(true);
     let stop_now = send(json!({
-        "kind": "start", "device": gpu.device_name(), "train_images": train_data.len(), "test_images": test_data.len(),
+        "kind": "start", "device": gpu.device_name(), "precision": cfg.precision.name(),
+        "train_images": train_data.len(), "test_images": test_data.len(),
         "steps": trainer.total_steps, "steps_per_epoch": steps_per_epoch, "batch_size": batch, "widths": cfg.widths,
     }));
     if stop_now {

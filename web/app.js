@@ -109,6 +109,7 @@ async function start() {
     recipe: $('recipe').value, epochs: +$('epochs').value, batch_size: +$('batch').value, lr: +$('lr').value, seed: +$('seed').value,
     widths: $('widths').value.split(',').map(Number),
     train_limit: +$('train-limit').value, test_limit: +$('test-limit').value,
+    precision: $('half').checked ? 'half' : 'f32',
   };
   const trainRecords = concat(data.train.slice(0, Math.ceil(options.train_limit / 10000)));
   stopRequested = false;
@@ -130,7 +131,8 @@ function onEvent(json) {
   const e = JSON.parse(json);
   if (e.kind === 'start') {
     run.total = e.steps;
-    setState('training', `Training on ${e.device}: ${e.train_images} images, ${e.steps} steps of ${e.batch_size}.`);
+    const storage = e.precision === 'half' ? 'f16 activations (shader-f16)' : 'f32 activations';
+    setState('training', `Training on ${e.device}, ${storage}: ${e.train_images} images, ${e.steps} steps of ${e.batch_size}.`);
   } else if (e.kind === 'progress') {
     run.losses.push([e.step, e.train_loss]);
     $('stat-step').textContent = `${e.step}/${run.total}`;
@@ -247,6 +249,10 @@ async function main() {
     $('adapter').textContent = `${a.name || 'unnamed adapter'} (${a.device_type}, ${a.backend}); shader-f16 ${a.shader_f16 ? 'yes' : 'no'}, ` +
       `subgroups ${a.subgroups ? 'yes' : 'no'}; storage bindings up to ${a.max_storage_binding_mib} MiB, ` +
       `${a.workgroup_memory_kib} KiB workgroup memory, ${a.invocations_per_workgroup} invocations per workgroup.`;
+    // f16 storage is offered where the adapter has shader-f16; off by default until it has
+    // been timed on real GPUs.
+    $('half').disabled = !a.shader_f16;
+    $('half-label').title = a.shader_f16 ? '' : 'this adapter has no shader-f16';
   } catch (e) {
     $('adapter').textContent = `WebGPU is present but gave no adapter: ${e.message || e}`;
     $('adapter').className = 'error';
