@@ -238,10 +238,11 @@ fn half_precision_from_the_command_line() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
     small_data(tmp.path(), |_| {});
-    let mut backends = vec!["cpu"];
     #[cfg(feature = "wgpu")]
-    backends.extend(common::wgpu_half_device().map(|_| "wgpu"));
-    for backend in backends {
+    let wgpu = common::wgpu_half_device().map(|_| "wgpu");
+    #[cfg(not(feature = "wgpu"))]
+    let wgpu = None;
+    for backend in std::iter::once("cpu").chain(wgpu) {
         for precision in ["half", "f32"] {
             let json = tmp.path().join(format!("{backend}-{precision}.jsonl"));
             let flags = ["--backend", backend, "--precision", precision, "--json", json.to_str().unwrap()];
