@@ -106,8 +106,9 @@ impl PoolBnShape {
 pub enum Precision {
     #[default]
     F32,
-    /// IEEE binary16 (f16) storage, f32 arithmetic; the conv weights are rounded to f16 as
-    /// the convolutions read them.
+    // IEEE binary16 (f16) storage, f32 arithmetic; the conv weights are rounded to f16 as the
+    // convolutions read them. (A plain comment: a doc comment here would turn clap's `--help`
+    // into its long, two-line-per-flag layout.)
     Half,
 }
 
