@@ -743,10 +743,11 @@ fn profile_command(args: &ProfileArgs) -> Result<()> {
     let kernels = block_on(b.finish_profile());
     let gpu_ms: f64 = kernels.iter().map(|k| k.seconds).sum::<f64>() * 1e3 / steps as f64;
     out!(
-        "profile: recipe {} on {} ({}); batch {}; widths {:?}; epoch {epoch}; {steps} steps",
+        "profile: recipe {} on {} ({}, {} storage); batch {}; widths {:?}; epoch {epoch}; {steps} steps",
         t.cfg.recipe.name(),
         b.name(),
         b.device_name(),
+        b.precision().name(),
         t.cfg.batch_size,
         t.cfg.widths
     );

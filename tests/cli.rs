@@ -258,7 +258,7 @@ fn half_precision_from_the_command_line() {
 }
 
 /// `speedrun profile` times every conv pass of a step (epoch 1 includes the whitening-bias
-/// gradient through block1.conv1) and rejects steps outside the run.
+/// gradient through block1.conv1), in f32 and in half, and rejects steps outside the run.
 #[test]
 fn profile_lists_every_conv_pass() {
     let tmp = tempfile::tempdir().unwrap();
@@ -276,8 +276,18 @@ fn profile_lists_every_conv_pass() {
         {
             assert!(out.contains(pass), "{pass:?} missing from:\n{out}");
         }
-        assert!(out.contains("GPU time"), "{out}");
+        assert!(out.contains("GPU time") && out.contains("f32 storage"), "{out}");
         fails_with(&speedrun(&[&args[..], &["--epoch", "11"]].concat(), &[]), 1, "pick --epoch and --steps inside them");
+    }
+    // The same in f16 storage, where the adapter has it.
+    #[cfg(feature = "wgpu")]
+    if common::wgpu_half_device().is_some() {
+        let o = speedrun(&[&args[..], &["--precision", "half"]].concat(), &[]);
+        let (out, err) = text(&o);
+        assert!(
+            o.status.success() && out.contains("half storage") && out.contains("conv wgrad 24→8 31²"),
+            "stdout:\n{out}\nstderr:\n{err}"
+        );
     }
 }
 
