@@ -103,52 +103,41 @@ pub fn reference_files() -> Vec<PathBuf> {
     files
 }
 
-/// A wgpu device on the default adapter, or None (with a message) when there is none.
-/// With `SPEEDRUN_REQUIRE_WGPU=1` (as `.ci/run` sets) a missing adapter fails the test.
-#[cfg(feature = "wgpu")]
-pub fn wgpu_device() -> Option<speedrun::backend::wgpu::Wgpu> {
-    match speedrun::backend::block_on(speedrun::backend::wgpu::Wgpu::new()) {
+/// `device`, or None with a SKIPPED message when it could not start; with `require` set in
+/// the environment (as `.ci/run` and GPU machines set it) a failure instead.
+fn or_skip<T>(device: anyhow::Result<T>, what: &str, require: &str) -> Option<T> {
+    match device {
         Ok(device) => Some(device),
-        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_WGPU").is_none() => {
-            eprintln!("SKIPPED: no wgpu adapter ({e:#}); set SPEEDRUN_REQUIRE_WGPU=1 to make this a failure");
+        Err(e) if std::env::var_os(require).is_none() => {
+            eprintln!("SKIPPED: no {what} ({e:#}); set {require}=1 to make this a failure");
             None
         }
-        Err(e) => panic!("SPEEDRUN_REQUIRE_WGPU is set but there is no wgpu adapter: {e:#}"),
+        Err(e) => panic!("{require} is set but there is no {what}: {e:#}"),
     }
 }
 
-/// A wgpu device storing activations in f16, or None (with a message) where there is no
-/// adapter or it has no `shader-f16`. With `SPEEDRUN_REQUIRE_F16=1` (as `.ci/run` sets for
-/// lavapipe) that fails the test.
+/// A wgpu device on the default adapter (`SPEEDRUN_REQUIRE_WGPU`).
+#[cfg(feature = "wgpu")]
+pub fn wgpu_device() -> Option<speedrun::backend::wgpu::Wgpu> {
+    or_skip(speedrun::backend::block_on(speedrun::backend::wgpu::Wgpu::new()), "wgpu adapter", "SPEEDRUN_REQUIRE_WGPU")
+}
+
+/// A wgpu device storing activations in f16: an adapter with `shader-f16`
+/// (`SPEEDRUN_REQUIRE_F16`, which `.ci/run` sets for lavapipe).
 #[cfg(feature = "wgpu")]
 pub fn wgpu_half_device() -> Option<speedrun::backend::wgpu::Wgpu> {
     use speedrun::backend::{block_on, wgpu, Precision};
     let device = block_on(wgpu::default_adapter()).and_then(|a| block_on(wgpu::Wgpu::with_precision(a, Precision::Half)));
-    match device {
-        Ok(device) => Some(device),
-        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_F16").is_none() => {
-            eprintln!("SKIPPED: no wgpu adapter with f16 ({e:#}); set SPEEDRUN_REQUIRE_F16=1 to make this a failure");
-            None
-        }
-        Err(e) => panic!("SPEEDRUN_REQUIRE_F16 is set but there is no wgpu adapter with f16: {e:#}"),
-    }
+    or_skip(device, "wgpu adapter with f16", "SPEEDRUN_REQUIRE_F16")
 }
 
-/// The CUDA backend on GPU 0, with TF32 convolutions on or off, or None (with a message) where
-/// there is no driver. With `SPEEDRUN_REQUIRE_CUDA=1` (set on GPU machines) that fails the test.
+/// The CUDA backend on GPU 0, with TF32 convolutions on or off (`SPEEDRUN_REQUIRE_CUDA`, set
+/// on GPU machines).
 #[cfg(feature = "cuda")]
 pub fn cuda_device(tf32: bool) -> Option<speedrun::backend::cuda::Cuda> {
-    match speedrun::backend::cuda::Cuda::new() {
-        Ok(device) => {
-            device.set_tf32(tf32);
-            Some(device)
-        }
-        Err(e) if std::env::var_os("SPEEDRUN_REQUIRE_CUDA").is_none() => {
-            eprintln!("SKIPPED: no CUDA device ({e:#}); set SPEEDRUN_REQUIRE_CUDA=1 to make this a failure");
-            None
-        }
-        Err(e) => panic!("SPEEDRUN_REQUIRE_CUDA is set but the CUDA backend cannot start: {e:#}"),
-    }
+    let device = or_skip(speedrun::backend::cuda::Cuda::new(), "CUDA device", "SPEEDRUN_REQUIRE_CUDA")?;
+    device.set_tf32(tf32);
+    Some(device)
 }
 
 /// Largest absolute difference, relative to the largest magnitude in `want`.

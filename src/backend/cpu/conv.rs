@@ -5,7 +5,7 @@
 //! both gradients of the 3×3 convs run Winograd F(4×4, 3×3) (`winograd.rs`: a quarter of
 //! the multiplies); other filter sizes' weight gradient multiplies dy with an im2col matrix.
 
-use super::gemm::{gemm, transposed, Lhs, Segment};
+use super::gemm::{gemm, transposed, Lhs, Segment, Segments};
 use super::{fixed_groups, sum_in_order, winograd, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
@@ -82,7 +82,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
         THREAD_SCRATCH.with_borrow_mut(|padded| {
             pad_images(s, x, chunk * ipc, count, padded);
             let row = |r: usize| ((r / (oh * ow) * hp + r % (oh * ow) / ow) * wp + r % ow) * c;
-            let patches = Lhs { data: padded, row, segments: segments.clone(), step: 1 };
+            let patches = Lhs { data: padded, row, segments: Segments::Many(&segments), step: 1 };
             gemm(count * oh * ow, s.c_out, &patches, &wt, s.c_out, y, false);
         });
     });

@@ -34,19 +34,35 @@ pub struct Segment {
 pub struct Lhs<'a, F: Fn(usize) -> usize> {
     pub data: &'a [f32],
     pub row: F,
-    pub segments: Vec<Segment>,
+    pub segments: Segments<'a>,
     pub step: usize,
+}
+
+/// A row's segments: one (`row_major`, `transposed`), or the caller's list (no allocation
+/// per call either way).
+pub enum Segments<'a> {
+    One(Segment),
+    Many(&'a [Segment]),
+}
+
+impl Segments<'_> {
+    fn as_slice(&self) -> &[Segment] {
+        match self {
+            Segments::One(s) => std::slice::from_ref(s),
+            Segments::Many(s) => s,
+        }
+    }
 }
 
 /// A (m, k) row-major in `data`, row i at `i·ld`.
 pub fn row_major(data: &[f32], k: usize, ld: usize) -> Lhs<'_, impl Fn(usize) -> usize> {
-    Lhs { data, row: move |i| i * ld, segments: vec![Segment { offset: 0, len: k }], step: 1 }
+    Lhs { data, row: move |i| i * ld, segments: Segments::One(Segment { offset: 0, len: k }), step: 1 }
 }
 
 /// A = Dᵀ for a row-major D (k, m) in `data` with `ld` floats a row: row i of A is column i
 /// of D.
 pub fn transposed(data: &[f32], k: usize, ld: usize) -> Lhs<'_, impl Fn(usize) -> usize> {
-    Lhs { data, row: |i| i, segments: vec![Segment { offset: 0, len: k }], step: ld }
+    Lhs { data, row: |i| i, segments: Segments::One(Segment { offset: 0, len: k }), step: ld }
 }
 
 /// One product's operands as the blocked loops read them (C aside).
@@ -63,14 +79,14 @@ struct Product<'a, F: Fn(usize) -> usize> {
 /// `C (m, n) = A · B`, or `C += A · B` when `accumulate`; B (k, n) is row-major with `ldb`
 /// floats between rows, C row-major without gaps (`n` floats a row).
 pub fn gemm<F: Fn(usize) -> usize>(m: usize, n: usize, a: &Lhs<F>, b: &[f32], ldb: usize, c: &mut [f32], accumulate: bool) {
-    let k: usize = a.segments.iter().map(|s| s.len).sum();
+    let k: usize = a.segments.as_slice().iter().map(|s| s.len).sum();
     if m == 0 || n == 0 {
         return;
     }
-    assert!(k > 0 && a.segments.iter().all(|s| s.len > 0), "gemm: empty reduction");
+    assert!(k > 0 && a.segments.as_slice().iter().all(|s| s.len > 0), "gemm: empty reduction");
     assert!(c.len() >= m * n && b.len() >= (k - 1) * ldb + n && ldb >= n, "gemm: B or C too short");
     // The farthest element of A from a row's start; every row is checked against it below.
-    let reach = a.segments.iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
+    let reach = a.segments.as_slice().iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
     assert!((0..m).all(|i| (a.row)(i) + reach < a.data.len()), "gemm: A's rows overrun its data");
     let p = Product { m, n, k, a, b, ldb, accumulate };
     // SAFETY: the asserts above keep every read of A and B and every write of C in bounds.
@@ -113,7 +129,7 @@ unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(p: &P
         dst[..n - full].copy_from_slice(&b[row * ldb + full..row * ldb + n]);
     }
     let data = a.data.as_ptr();
-    let mut pieces = Vec::with_capacity(a.segments.len());
+    let mut pieces = Vec::with_capacity(a.segments.as_slice().len());
     for r0 in (0..m).step_by(ROW_BLOCK) {
         let rows_here = ROW_BLOCK.min(m - r0);
         // Row starts per tile; a last tile short of MR rows repeats its last row (not stored).
@@ -138,7 +154,7 @@ unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(p: &P
 fn slice_pieces<F: Fn(usize) -> usize>(a: &Lhs<F>, ks: std::ops::Range<usize>, pieces: &mut Vec<(usize, usize)>) {
     pieces.clear();
     let mut start = 0;
-    for s in &a.segments {
+    for s in a.segments.as_slice() {
         let (lo, hi) = (ks.start.max(start), ks.end.min(start + s.len));
         if lo < hi {
             pieces.push((s.offset + (lo - start) * a.step, hi - lo));
@@ -269,7 +285,7 @@ mod tests {
                 offset += 2 * len * step;
             }
             let data: Vec<f32> = (0..row(m) + offset * 2 + 1).map(|_| rng.symmetric(1.0)).collect();
-            let lhs = Lhs { data: &data, row, segments: segments.clone(), step };
+            let lhs = Lhs { data: &data, row, segments: Segments::Many(&segments), step };
             let mut dense = Vec::with_capacity(m * k); // A gathered: (m, k)
             for i in 0..m {
                 for s in &segments {
