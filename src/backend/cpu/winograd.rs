@@ -91,15 +91,17 @@ fn images_per_chunk(s: &ConvShape, tiles_wanted: usize) -> usize {
     (tiles_wanted / (th * tw)).max(1)
 }
 
-/// Lanes per block in `apply`: one AVX2 register.
+/// Lanes per block in `apply`: one AVX2 register (AVX-512 blocks of 16 come first where the
+/// CPU has them: see `widest`).
 const LANES: usize = 8;
 
 /// `dst[r] = Σ_k mat[r][k]·src[k]` for `R` output and `K` input vectors of `len` lanes, input
 /// `k` at `src[k·src_stride..]` and output `r` at `dst[r·dst_stride..]`; per lane k ascending
-/// with fused multiply-adds. Zero coefficients are multiplied too: a branch on each cost more
-/// (the compiler does not fold the constant matrices into the loop).
+/// with fused multiply-adds (so the same bits whatever `WIDE`, the lanes per block of the
+/// first pass). Zero coefficients are multiplied too: a branch on each cost more (the
+/// compiler does not fold the constant matrices into the loop).
 #[inline(always)]
-fn apply<const R: usize, const K: usize>(
+fn apply<const R: usize, const K: usize, const WIDE: usize>(
     mat: &[[f32; K]; R],
     src: &[f32],
     src_stride: usize,
@@ -107,11 +109,16 @@ fn apply<const R: usize, const K: usize>(
     dst_stride: usize,
     len: usize,
 ) {
-    let blocks = len / LANES * LANES;
-    for lane in (0..blocks).step_by(LANES) {
-        apply_block::<R, K, LANES>(mat, src, src_stride, dst, dst_stride, lane);
+    let mut lane = 0;
+    while lane + WIDE <= len {
+        apply_block::<R, K, WIDE>(mat, src, src_stride, dst, dst_stride, lane);
+        lane += WIDE;
     }
-    for lane in blocks..len {
+    while lane + LANES <= len {
+        apply_block::<R, K, LANES>(mat, src, src_stride, dst, dst_stride, lane);
+        lane += LANES;
+    }
+    for lane in lane..len {
         apply_block::<R, K, 1>(mat, src, src_stride, dst, dst_stride, lane);
     }
 }
@@ -142,7 +149,7 @@ fn apply_block<const R: usize, const K: usize, const W: usize>(
 /// `half` (R, K, len) holds `L · src`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn two_sided<const R: usize, const C: usize, const K: usize>(
+fn two_sided<const R: usize, const C: usize, const K: usize, const WIDE: usize>(
     left: &[[f32; K]; R],
     right: &[[f32; K]; C],
     src: &[f32],
@@ -153,15 +160,40 @@ fn two_sided<const R: usize, const C: usize, const K: usize>(
     len: usize,
 ) {
     for j in 0..K {
-        apply(left, &src[j * src_col..], src_row, &mut half[j * len..], K * len, len);
+        apply::<R, K, WIDE>(left, &src[j * src_col..], src_row, &mut half[j * len..], K * len, len);
     }
     for i in 0..R {
-        apply(right, &half[i * K * len..], len, &mut dst[i * dst_row..], dst_col, len);
+        apply::<C, K, WIDE>(right, &half[i * K * len..], len, &mut dst[i * dst_row..], dst_col, len);
     }
 }
 
+/// `fn $name(args)`: `$with::<16>(args)` compiled for AVX-512 where the CPU has it (a block of
+/// 16 lanes per instruction halves the transforms' loop and address work), else
+/// `$with::<8>(args)`; the same bits either way (`apply`).
+macro_rules! widest {
+    ($name:ident = $with:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $with::<16>($($arg),*)
+                }
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { avx512($($arg),*) };
+            }
+            $with::<LANES>($($arg),*)
+        }
+    };
+}
+
+widest!(transform_input = transform_input_with(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]));
+widest!(transform_output = transform_output_with(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]));
+widest!(transform_output_grad = transform_output_grad_with(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]));
+
 /// `V (AA, tiles, c_in)`: the transformed 6×6 input tiles of images `b0..b0+count` of `x`.
-fn transform_input(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]) {
+#[inline(always)] // into `widest`'s AVX-512 copy
+fn transform_input_with<const WIDE: usize>(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]) {
     let (c, (th, tw)) = (s.c_in, tiles(s));
     let t_all = count * th * tw;
     let (mut tile, mut half) = (vec![0.0; AA * c], vec![0.0; AA * c]); // (A, A, c_in) each
@@ -172,7 +204,7 @@ fn transform_input(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f
         if y0 >= 0 && x0 >= 0 && y0 as usize + A <= s.h && x0 as usize + A <= s.w {
             // inside the image: read the tile in place
             let at = (y0 as usize * s.w + x0 as usize) * c;
-            two_sided(&BT, &BT, &image[at..], (s.w * c, c), &mut half, dst.0, dst.1, c);
+            two_sided::<A, A, A, WIDE>(&BT, &BT, &image[at..], (s.w * c, c), &mut half, dst.0, dst.1, c);
             continue;
         }
         for (i, j) in (0..A).flat_map(|i| (0..A).map(move |j| (i, j))) {
@@ -185,7 +217,7 @@ fn transform_input(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f
                 dst.copy_from_slice(&image[at..at + c]);
             }
         }
-        two_sided(&BT, &BT, &tile, (A * c, c), &mut half, dst.0, dst.1, c);
+        two_sided::<A, A, A, WIDE>(&BT, &BT, &tile, (A * c, c), &mut half, dst.0, dst.1, c);
     }
 }
 
@@ -202,13 +234,14 @@ fn transform_filter(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let mut u = vec![0.0f32; AA * lanes];
     u.par_chunks_mut(lanes).enumerate().for_each(|(xi, u)| {
         let coeff: [f32; 9] = std::array::from_fn(|tap| G[xi / A][tap / 3] * G[xi % A][tap % 3]);
-        apply(&[coeff], &taps, lanes, u, 0, lanes);
+        apply::<1, 9, LANES>(&[coeff], &taps, lanes, u, 0, lanes);
     });
     u
 }
 
 /// `y (count, oh, ow, c_out) = Aᵀ m A` of every tile of `m (AA, tiles, c_out)`, clipped to the output.
-fn transform_output(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]) {
+#[inline(always)] // into `widest`'s AVX-512 copy
+fn transform_output_with<const WIDE: usize>(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]) {
     let (c, (th, tw), (oh, ow)) = (s.c_out, tiles(s), (s.out_h(), s.out_w()));
     let t_all = count * th * tw;
     let (mut half, mut out) = (vec![0.0; M * A * c], vec![0.0; M * M * c]); // (M, A, c_out), (M, M, c_out)
@@ -218,10 +251,10 @@ fn transform_output(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]) {
         if y0 + M <= oh && x0 + M <= ow {
             // inside the output: write the tile in place
             let at = ((b * oh + y0) * ow + x0) * c;
-            two_sided(&AT, &AT, src.0, src.1, &mut half, &mut y[at..], (ow * c, c), c);
+            two_sided::<M, M, A, WIDE>(&AT, &AT, src.0, src.1, &mut half, &mut y[at..], (ow * c, c), c);
             continue;
         }
-        two_sided(&AT, &AT, src.0, src.1, &mut half, &mut out, (M * c, c), c);
+        two_sided::<M, M, A, WIDE>(&AT, &AT, src.0, src.1, &mut half, &mut out, (M * c, c), c);
         for (i, j) in (0..M).flat_map(|i| (0..M).map(move |j| (i, j))) {
             let (oy, ox) = (y0 + i, x0 + j);
             if oy < oh && ox < ow {
@@ -256,7 +289,8 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
 
 /// `dm (AA, tiles, c_out)`: the adjoint of the output transform, `A dy Aᵀ`, of images
 /// `b0..b0+count` of `dy`, with zeros where a tile overhangs the output.
-fn transform_output_grad(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]) {
+#[inline(always)] // into `widest`'s AVX-512 copy
+fn transform_output_grad_with<const WIDE: usize>(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]) {
     let (c, (th, tw), (oh, ow)) = (s.c_out, tiles(s), (s.out_h(), s.out_w()));
     let t_all = count * th * tw;
     let (mut tile, mut half) = (vec![0.0; M * M * c], vec![0.0; A * M * c]); // (M, M, c_out), (A, M, c_out)
@@ -271,7 +305,7 @@ fn transform_output_grad(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm:
                 dst.fill(0.0);
             }
         }
-        two_sided(&A_OF_AT, &A_OF_AT, &tile, (M * c, c), &mut half, &mut dm[t * c..], (A * t_all * c, t_all * c), c);
+        two_sided::<A, A, M, WIDE>(&A_OF_AT, &A_OF_AT, &tile, (M * c, c), &mut half, &mut dm[t * c..], (A * t_all * c, t_all * c), c);
     }
 }
 
@@ -305,7 +339,16 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                 // dw[o] (3, 3, c_in) = Gᵀ du[·, o] G
                 let half = &mut scratch[..3 * A * cin]; // (3, A, c_in)
                 for o in 0..cout {
-                    two_sided(&GT, &GT, &du[o * cin..], (A * lanes, lanes), half, &mut partial[o * 9 * cin..], (3 * cin, cin), cin);
+                    two_sided::<3, 3, A, LANES>(
+                        &GT,
+                        &GT,
+                        &du[o * cin..],
+                        (A * lanes, lanes),
+                        half,
+                        &mut partial[o * 9 * cin..],
+                        (3 * cin, cin),
+                        cin,
+                    );
                 }
             });
             partial
