@@ -3,12 +3,13 @@
 //! per backend.
 //!
 //! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
-//! --precision f32|half|both --w1 64 --w2 256 --w3 256]` (defaults: batch 64, 3 repetitions,
+//! --precision f32|half|both --w1 64 --w2 256 --w3 256 --only TEXT]` (defaults: batch 64, 3 repetitions,
 //! every backend; wgpu in both precisions where the adapter has f16, the CPU in f32, as its
 //! half is an emulation for accuracy checks; each op is timed after one untimed warm-up call,
 //! synchronised before and after). A conv's GFLOP/s counts a direct convolution's 2·MACs,
 //! whatever the algorithm (Winograd does a quarter of the multiplies: its rate is effective);
 //! `infer` is the inference forward (`conv_forward_inference`), not part of a training step.
+//! `--only TEXT` times only the rows whose name contains TEXT (`3² fwd`, `wgrad`, `whole`).
 
 use speedrun::backend::{all, all_mut, block_on, cpu::Cpu, Act, Backend, BnMode, ConvShape, Precision, View, ViewMut};
 use speedrun::model::{layers, Arch, Layout, Net};
@@ -24,8 +25,17 @@ fn arg(name: &str, default: usize) -> usize {
     arg_str(name, &default.to_string()).parse().expect("a number")
 }
 
-/// Mean seconds per call of `f`, after one warm-up call.
-fn time<B: Backend>(b: &B, reps: usize, mut f: impl FnMut()) -> f64 {
+/// Whether `--only` selects the row `name`.
+fn wanted(name: &str) -> bool {
+    name.contains(&arg_str("--only", ""))
+}
+
+/// Mean seconds per call of `f`, after one warm-up call; NaN (not run) unless `--only`
+/// selects the row `name`.
+fn time<B: Backend>(b: &B, name: &str, reps: usize, mut f: impl FnMut()) -> f64 {
+    if !wanted(name) {
+        return f64::NAN;
+    }
     f();
     block_on(b.sync());
     let t = Instant::now();
@@ -47,6 +57,9 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
     println!("{:<28} {:>10} {:>10}", "op", "ms", "GFLOP/s");
     let mut rng = Rng::new(0);
     let row = |name: &str, secs: f64, flops: f64| {
+        if secs.is_nan() {
+            return;
+        }
         let gflops = if flops > 0.0 { format!("{:.1}", flops / secs / 1e9) } else { String::new() };
         println!("{name:<28} {:>10.2} {gflops:>10}", secs * 1e3);
     };
@@ -61,28 +74,31 @@ fn bench<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         let mut dx = b.activations(x_len);
         let mut dw = b.zeros(w_len(&s));
         let name = format!("block{}.conv{} {}→{} {}²", l.block, l.conv, s.c_in, s.c_out, s.h);
-        let f = time(b, reps, || b.conv_forward(s, &x, all(&w, w_len(&s)), &mut y));
-        let fi = time(b, reps, || b.conv_forward_inference(s, &x, all(&w, w_len(&s)), &mut y));
-        let d = time(b, reps, || b.conv_backward_data(s, &y, all(&w, w_len(&s)), &mut dx));
-        let g = time(b, reps, || b.conv_backward_filter(s, &x, &y, all_mut(&mut dw, w_len(&s))));
-        row(&format!("{name} fwd"), f, flops);
-        row(&format!("{name} infer"), fi, flops);
-        row(&format!("{name} dgrad"), d, flops);
-        row(&format!("{name} wgrad"), g, flops);
+        let [fwd, infer, dgrad, wgrad] = ["fwd", "infer", "dgrad", "wgrad"].map(|pass| format!("{name} {pass}"));
+        let f = time(b, &fwd, reps, || b.conv_forward(s, &x, all(&w, w_len(&s)), &mut y));
+        let fi = time(b, &infer, reps, || b.conv_forward_inference(s, &x, all(&w, w_len(&s)), &mut y));
+        let d = time(b, &dgrad, reps, || b.conv_backward_data(s, &y, all(&w, w_len(&s)), &mut dx));
+        let g = time(b, &wgrad, reps, || b.conv_backward_filter(s, &x, &y, all_mut(&mut dw, w_len(&s))));
+        row(&fwd, f, flops);
+        row(&infer, fi, flops);
+        row(&dgrad, d, flops);
+        row(&wgrad, g, flops);
         let bs = l.bn_shape(n, Act::Gelu);
         let out = n * l.out_side().pow(2) * l.c_out;
         let (beta, mut running) = (random(b, b.zeros(l.c_out), l.c_out, &mut rng), random(b, b.zeros(2 * l.c_out), 2 * l.c_out, &mut rng));
         let (mut z, mut a, mut saved) = (b.activations(out), b.activations(out), b.zeros(2 * l.c_out));
         let (mut da, mut dbeta, mut dy) = (random(b, b.activations(out), out, &mut rng), b.zeros(l.c_out), b.activations(y_len));
         let mode = BnMode::Train { momentum: 0.6, eps: 1e-12 };
-        let bf = time(b, reps, || {
+        let norm = format!("block{}.norm{} pool{}", l.block, l.conv, l.pool);
+        let (norm_fwd, norm_bwd) = (format!("{norm} fwd"), format!("{norm} bwd"));
+        let bf = time(b, &norm_fwd, reps, || {
             b.pool_bn_act_forward(bs, mode, &y, all(&beta, l.c_out), all_mut(&mut running, 2 * l.c_out), &mut z, &mut a, &mut saved)
         });
-        let bb = time(b, reps, || {
+        let bb = time(b, &norm_bwd, reps, || {
             b.pool_bn_act_backward(bs, &y, &z, &saved, all(&beta, l.c_out), &mut da, &mut dy, all_mut(&mut dbeta, l.c_out))
         });
-        row(&format!("block{}.norm{} pool{} fwd", l.block, l.conv, l.pool), bf, 0.0);
-        row(&format!("block{}.norm{} pool{} bwd", l.block, l.conv, l.pool), bb, 0.0);
+        row(&norm_fwd, bf, 0.0);
+        row(&norm_bwd, bb, 0.0);
         total += f + d + g + bf + bb;
     }
     row("sum of the training ops", total, 0.0);
@@ -100,16 +116,21 @@ fn newton_schulz<B: Backend>(b: &B, reps: usize, widths: [usize; 3], row: impl F
     let mut ns = speedrun::train::NewtonSchulz::new(b, rows, rows * cols);
     let muon = speedrun::train::Recipe::Hiverge.config().muon.unwrap();
     let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect();
-    let secs = time(b, reps, || {
+    let name = format!("newton_schulz {rows}×{cols} ×{}", muon.iterations);
+    let secs = time(b, &name, reps, || {
         b.upload(all_mut(&mut ns.x, rows * cols), &x);
         ns.run(b, (rows, cols), muon.coefficients, muon.iterations, muon.eps as f32);
     });
     let flops = muon.iterations as f64 * 2.0 * (2.0 * (rows * rows * cols) as f64 + (rows * rows * rows) as f64);
-    row(&format!("newton_schulz {rows}×{cols} ×{}", muon.iterations), secs, flops);
+    row(&name, secs, flops);
 }
 
 /// A whole forward + backward + SGD step on random data, as the trainer runs it.
 fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
+    const NAME: &str = "whole training step";
+    if !wanted(NAME) {
+        return;
+    }
     let mut net = Net::new(b, Arch { widths, act: Act::Gelu, logit_scale: 1.0 / 9.0 }, n).expect("buffers fit");
     let layout = Layout::new(widths);
     let (params, running) = layout.init(&mut Rng::new(1), false, false);
@@ -119,7 +140,7 @@ fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
     b.upload(all_mut(&mut net.x, n * 3072), &x);
     let mut stats = b.zeros(2);
     let mut momentum = b.zeros(layout.trainable);
-    let secs = time(b, reps, || {
+    let secs = time(b, NAME, reps, || {
         net.forward(b, n, BnMode::Train { momentum: 0.6, eps: 1e-12 });
         b.cross_entropy(n, 0.2, &net.logits, &net.labels, Some(&mut net.dlogits), &mut stats);
         net.backward(b, n, false);
@@ -127,7 +148,7 @@ fn step<B: Backend>(b: &B, n: usize, reps: usize, widths: [usize; 3]) {
         let (p, g) = (ViewMut { buf: &mut net.params, range: range.clone() }, View { buf: &net.grads, range: range.clone() });
         b.sgd_step(p, g, ViewMut { buf: &mut momentum, range }, 1e-4, 0.0, 0.85);
     });
-    println!("whole training step: {:.1} ms, {:.0} images/s", secs * 1e3, n as f64 / secs);
+    println!("{NAME}: {:.1} ms, {:.0} images/s", secs * 1e3, n as f64 / secs);
 }
 
 fn main() {
