@@ -103,15 +103,34 @@ pub fn bias_gelu_forward(pixels: usize, c: usize, z: &mut [f32], bias: &[f32], a
     });
 }
 
-/// Two per-channel sums over the rows of a `(rows, c)` tensor: `add_row(row, first, second)`
-/// adds one row's terms to `first (c)` and `second (c)` (separate arrays, so that the loop
-/// over channels vectorises). Rows are split into a fixed partition, summed in f64.
-fn channel_sums(rows: usize, c: usize, add_row: impl Fn(usize, &mut [f64], &mut [f64]) + Sync) -> [Vec<f64>; 2] {
-    let partials: Vec<[Vec<f64>; 2]> = fixed_groups(rows)
+/// Two per-channel sums over the rows of a `(rows, c)` tensor: `add_row(row, out, first,
+/// second)` adds one row's terms to `first (c)` and `second (c)` (separate arrays, so that the
+/// loop over channels vectorises), and may write that row of `out (rows, c)` (or of an empty
+/// `out`: an empty row) on the way, sparing a pass of its own. Rows are split into a fixed
+/// partition, summed in f64.
+fn channel_sums(
+    rows: usize,
+    c: usize,
+    out: &mut [f32],
+    add_row: impl Fn(usize, &mut [f32], &mut [f64], &mut [f64]) + Sync,
+) -> [Vec<f64>; 2] {
+    let groups = fixed_groups(rows);
+    let width = if out.is_empty() { 0 } else { c };
+    let mut parts = Vec::with_capacity(groups.len()); // out's rows of each group
+    let mut rest = &mut out[..rows * width];
+    for g in &groups {
+        let (part, tail) = rest.split_at_mut(g.len() * width);
+        parts.push(part);
+        rest = tail;
+    }
+    let partials: Vec<[Vec<f64>; 2]> = groups
         .into_par_iter()
-        .map(|rows| {
+        .zip(parts)
+        .map(|(rows, out)| {
             let [mut first, mut second] = [vec![0.0f64; c], vec![0.0f64; c]];
-            rows.for_each(|r| add_row(r, &mut first, &mut second));
+            for (i, r) in rows.enumerate() {
+                add_row(r, &mut out[i * width..(i + 1) * width], &mut first, &mut second);
+            }
             [first, second]
         })
         .collect();
@@ -125,7 +144,7 @@ fn channel_sums(rows: usize, c: usize, add_row: impl Fn(usize, &mut [f64], &mut 
 }
 
 pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias: &mut [f32]) {
-    let [sums, _] = channel_sums(pixels, c, |r, acc, _| {
+    let [sums, _] = channel_sums(pixels, c, &mut [], |r, _, acc, _| {
         for ch in 0..c {
             acc[ch] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
         }
@@ -137,43 +156,60 @@ pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias:
 
 /// Max-pool `x (n, h, w, c)` into `y (n, h/p, w/p, c)` (floor); `p == 1` copies.
 pub fn max_pool(s: &PoolBnShape, x: &[f32], y: &mut [f32]) {
-    let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
-    if p == 1 {
+    let (oh, ow, c) = (s.out_h(), s.out_w(), s.c);
+    if s.pool == 1 {
         y[..s.n * s.h * s.w * c].copy_from_slice(&x[..s.n * s.h * s.w * c]);
         return;
     }
     y[..s.n * oh * ow * c].par_chunks_mut(oh * ow * c).enumerate().for_each(|(b, y)| {
-        let x = &x[b * s.h * s.w * c..];
         for (o, y) in y.chunks_exact_mut(c).enumerate() {
-            let (oy, ox) = (o / ow, o % ow);
-            y.fill(f32::NEG_INFINITY);
-            for i in 0..p * p {
-                let at = ((oy * p + i / p) * s.w + ox * p + i % p) * c;
-                for (y, &x) in y.iter_mut().zip(&x[at..at + c]) {
-                    *y = if x > *y { x } else { *y };
-                }
-            }
+            pool_window(s, x, b * oh * ow + o, y);
         }
     });
+}
+
+/// `out (c)` = the maximum over window `r` (pooled pixels in NHWC order) of `x (n, h, w, c)`.
+#[inline(always)]
+fn pool_window(s: &PoolBnShape, x: &[f32], r: usize, out: &mut [f32]) {
+    let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
+    let (b, oy, ox) = (r / (oh * ow), r % (oh * ow) / ow, r % ow);
+    let x = &x[b * s.h * s.w * c..];
+    out.fill(f32::NEG_INFINITY);
+    for i in 0..p * p {
+        let at = ((oy * p + i / p) * s.w + ox * p + i % p) * c;
+        for (y, &x) in out.iter_mut().zip(&x[at..at + c]) {
+            *y = if x > *y { x } else { *y };
+        }
+    }
 }
 
 /// Routes `dy (n, h/p, w/p, c)` to the first maximum (row-major window order, as PyTorch)
 /// of each window of `x`; every other position of `dx (n, h, w, c)` gets 0.
 pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    route_to_maxima(s, x, |r, g| g.copy_from_slice(&dy[r * s.c..(r + 1) * s.c]), dx);
+}
+
+/// `max_pool_backward` of the gradient that `grad(r, g)` writes into `g (c)` for pooled pixel
+/// `r`, computed as it is routed (no pass through memory); `p == 1` writes it into `dx`.
+fn route_to_maxima(s: &PoolBnShape, x: &[f32], grad: impl Fn(usize, &mut [f32]) + Sync, dx: &mut [f32]) {
     let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
     if p == 1 {
-        dx[..s.n * s.h * s.w * c].copy_from_slice(&dy[..s.n * s.h * s.w * c]);
+        let rows = rows_per_task(c);
+        dx[..s.n * s.h * s.w * c].par_chunks_mut(rows * c).enumerate().for_each(|(chunk, dx)| {
+            for (i, g) in dx.chunks_exact_mut(c).enumerate() {
+                grad(chunk * rows + i, g);
+            }
+        });
         return;
     }
     dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
         let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
-        let dy = &dy[b * oh * ow * c..];
         // the rows and columns that floor pooling drops
         dx[oh * p * s.w * c..].fill(0.0);
         for row in dx[..oh * p * s.w * c].chunks_exact_mut(s.w * c) {
             row[ow * p * c..].fill(0.0);
         }
-        let (mut best, mut arg) = (vec![0.0f32; c], vec![0u32; c]);
+        let (mut best, mut arg, mut g) = (vec![0.0f32; c], vec![0u32; c], vec![0.0f32; c]);
         for o in 0..oh * ow {
             let (oy, ox) = (o / ow, o % ow);
             let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
@@ -184,8 +220,9 @@ pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32])
                 }
             }
             // every position of the window written, branch-free: the gradient or 0
+            grad(b * oh * ow + o, &mut g);
             for i in 0..p * p {
-                for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&dy[o * c..(o + 1) * c]) {
+                for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&g) {
                     *dx = if arg == i as u32 { dy } else { 0.0 };
                 }
             }
@@ -207,24 +244,28 @@ pub fn pool_bn_act_forward(
 ) {
     let c = s.c;
     let rows = s.n * s.out_h() * s.out_w();
-    // Without pooling BatchNorm reads y itself, and the normalising pass copies each chunk of
-    // y into z while it is in cache, instead of a separate copy of the whole tensor.
-    let pooled: &[f32] = if s.pool > 1 {
-        max_pool(s, y, z);
-        z
-    } else {
-        y
-    };
+    // Pooling writes z, which BatchNorm then normalises in place. Without pooling BatchNorm
+    // reads y itself, and the normalising pass copies each chunk of y into z while it is in
+    // cache, instead of a separate copy of the whole tensor.
     let (mean, istd) = saved[..2 * c].split_at_mut(c);
     match mode {
         BnMode::Train { momentum, eps } => {
-            let [sums, _] = channel_sums(rows, c, |r, acc, _| {
+            // The first pass pools as it sums.
+            let pooled_out: &mut [f32] = if s.pool > 1 { &mut z[..rows * c] } else { &mut [] };
+            let [sums, _] = channel_sums(rows, c, pooled_out, |r, out, acc, _| {
+                let row: &[f32] = if s.pool > 1 {
+                    pool_window(s, y, r, out);
+                    out
+                } else {
+                    &y[r * c..(r + 1) * c]
+                };
                 for ch in 0..c {
-                    acc[ch] += pooled[r * c + ch] as f64;
+                    acc[ch] += row[ch] as f64;
                 }
             });
+            let pooled: &[f32] = if s.pool > 1 { z } else { y };
             let mu: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
-            let [sq, _] = channel_sums(rows, c, |r, acc, _| {
+            let [sq, _] = channel_sums(rows, c, &mut [], |r, _, acc, _| {
                 for ch in 0..c {
                     acc[ch] += (pooled[r * c + ch] as f64 - mu[ch]).powi(2);
                 }
@@ -240,6 +281,9 @@ pub fn pool_bn_act_forward(
             }
         }
         BnMode::Eval { eps } => {
+            if s.pool > 1 {
+                max_pool(s, y, z);
+            }
             for ch in 0..c {
                 mean[ch] = running[ch];
                 istd[ch] = 1.0 / (running[c + ch] + eps).sqrt();
@@ -277,20 +321,15 @@ pub fn pool_bn_act_backward(
     let c = s.c;
     let rows = s.n * s.out_h() * s.out_w();
     let istd = &saved[c..2 * c];
-    let chunk = rows_per_task(c) * c;
-    // da ← dz = da·act'(z)
-    da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).for_each(|(d, z)| {
-        for (d, &z) in d.iter_mut().zip(z) {
-            *d *= activate_grad(s.act, z);
-        }
-    });
-    // With γ = 1 and x̂ = z − β: Σdz is dβ, and Σdz·x̂ projects out the variance direction.
-    let dz = &*da;
-    let [sum_dz, sum_dzx] = channel_sums(rows, c, |r, sum_dz, sum_dzx| {
+    // da ← dz = da·act'(z), summed as it is written: with γ = 1 and x̂ = z − β, Σdz is dβ, and
+    // Σdz·x̂ projects out the variance direction.
+    let [sum_dz, sum_dzx] = channel_sums(rows, c, &mut da[..rows * c], |r, d, sum_dz, sum_dzx| {
+        let z = &z[r * c..(r + 1) * c];
         for ch in 0..c {
-            let (d, xhat) = (dz[r * c + ch], z[r * c + ch] - beta[ch]);
-            sum_dz[ch] += d as f64;
-            sum_dzx[ch] += (d * xhat) as f64;
+            d[ch] *= activate_grad(s.act, z[ch]);
+            let xhat = z[ch] - beta[ch];
+            sum_dz[ch] += d[ch] as f64;
+            sum_dzx[ch] += (d[ch] * xhat) as f64;
         }
     });
     let mean_dz: Vec<f32> = sum_dz.iter().map(|s| (s / rows as f64) as f32).collect();
@@ -298,23 +337,17 @@ pub fn pool_bn_act_backward(
     for (d, s) in dbeta.iter_mut().zip(&sum_dz) {
         *d = *s as f32;
     }
-    // da ← d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂)); without pooling that is dy,
-    // copied chunk by chunk while in cache.
-    let daz = da[..rows * c].par_chunks_mut(chunk).zip(z[..rows * c].par_chunks(chunk)).zip(dy[..rows * c].par_chunks_mut(chunk));
-    daz.for_each(|((d, z), dy)| {
-        for (d, z) in d.chunks_exact_mut(c).zip(z.chunks_exact(c)) {
-            for ch in 0..c {
-                let xhat = z[ch] - beta[ch];
-                d[ch] = istd[ch] * (d[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
-            }
+    // d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂)), routed to the maxima (or, without
+    // pooling, written to dy) as it is computed.
+    let dz = &*da;
+    let grad = |r: usize, g: &mut [f32]| {
+        let (dz, z) = (&dz[r * c..(r + 1) * c], &z[r * c..(r + 1) * c]);
+        for ch in 0..c {
+            let xhat = z[ch] - beta[ch];
+            g[ch] = istd[ch] * (dz[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
         }
-        if s.pool == 1 {
-            dy.copy_from_slice(d);
-        }
-    });
-    if s.pool > 1 {
-        max_pool_backward(s, y, da, dy);
-    }
+    };
+    route_to_maxima(s, y, grad, dy);
 }
 
 #[cfg(test)]
