@@ -5,6 +5,33 @@
 //! and activation gradient an op writes is rounded to f16 (`store`), and the convolutions
 //! read f16-rounded copies of their weights; the arithmetic stays f32.
 
+/// `$vis fn $name(args) $body`, compiled twice: for AVX-512 (closures defined in the body
+/// inherit it: the per-channel loops inside rayon's tasks too) and for the build's target
+/// (AVX2), and run as the former where the CPU has AVX-512F. `lanes L` declares `const L` in
+/// the body: 16 in the AVX-512 copy, 8 in the other. Each lane computes the same operations in
+/// the same order either way, so the results are the same bits, only sooner (fewer
+/// instructions per value: the elementwise passes, Winograd's transforms).
+macro_rules! widest {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(lanes $lanes:ident)? $body:block) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                $(#[$attr])*
+                #[target_feature(enable = "avx512f")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    $(const $lanes: usize = 16;)?
+                    $body
+                }
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { avx512($($arg),*) };
+            }
+            $(const $lanes: usize = 8;)?
+            $body
+        }
+    };
+}
+
 mod conv;
 mod gemm;
 pub mod norm;

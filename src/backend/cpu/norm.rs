@@ -91,16 +91,18 @@ fn rows_per_task(c: usize) -> usize {
     (16384 / c).max(1)
 }
 
-pub fn bias_gelu_forward(pixels: usize, c: usize, z: &mut [f32], bias: &[f32], a: &mut [f32]) {
-    let chunk = rows_per_task(c) * c;
-    z[..pixels * c].par_chunks_mut(chunk).zip(a[..pixels * c].par_chunks_mut(chunk)).for_each(|(z, a)| {
-        for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
-            for ((z, a), b) in z.iter_mut().zip(a).zip(bias) {
-                *z += b;
-                *a = gelu(*z);
+widest! {
+    pub fn bias_gelu_forward(pixels: usize, c: usize, z: &mut [f32], bias: &[f32], a: &mut [f32]) {
+        let chunk = rows_per_task(c) * c;
+        z[..pixels * c].par_chunks_mut(chunk).zip(a[..pixels * c].par_chunks_mut(chunk)).for_each(|(z, a)| {
+            for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
+                for ((z, a), b) in z.iter_mut().zip(a).zip(bias) {
+                    *z += b;
+                    *a = gelu(*z);
+                }
             }
-        }
-    });
+        });
+    }
 }
 
 /// Two per-channel sums over the rows of a `(rows, c)` tensor: `add_row(row, out, first,
@@ -143,29 +145,33 @@ fn channel_sums(
     total
 }
 
-pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias: &mut [f32]) {
-    let [sums, _] = channel_sums(pixels, c, &mut [], |r, _, acc, _| {
-        for ch in 0..c {
-            acc[ch] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
+widest! {
+    pub fn bias_gelu_backward(pixels: usize, c: usize, z: &[f32], da: &[f32], dbias: &mut [f32]) {
+        let [sums, _] = channel_sums(pixels, c, &mut [], |r, _, acc, _| {
+            for ch in 0..c {
+                acc[ch] += (da[r * c + ch] * gelu_grad(z[r * c + ch])) as f64;
+            }
+        });
+        for (d, s) in dbias.iter_mut().zip(sums) {
+            *d = s as f32;
         }
-    });
-    for (d, s) in dbias.iter_mut().zip(sums) {
-        *d = s as f32;
     }
 }
 
-/// Max-pool `x (n, h, w, c)` into `y (n, h/p, w/p, c)` (floor); `p == 1` copies.
-pub fn max_pool(s: &PoolBnShape, x: &[f32], y: &mut [f32]) {
-    let (oh, ow, c) = (s.out_h(), s.out_w(), s.c);
-    if s.pool == 1 {
-        y[..s.n * s.h * s.w * c].copy_from_slice(&x[..s.n * s.h * s.w * c]);
-        return;
-    }
-    y[..s.n * oh * ow * c].par_chunks_mut(oh * ow * c).enumerate().for_each(|(b, y)| {
-        for (o, y) in y.chunks_exact_mut(c).enumerate() {
-            pool_window(s, x, b * oh * ow + o, y);
+widest! {
+    /// Max-pool `x (n, h, w, c)` into `y (n, h/p, w/p, c)` (floor); `p == 1` copies.
+    pub fn max_pool(s: &PoolBnShape, x: &[f32], y: &mut [f32]) {
+        let (oh, ow, c) = (s.out_h(), s.out_w(), s.c);
+        if s.pool == 1 {
+            y[..s.n * s.h * s.w * c].copy_from_slice(&x[..s.n * s.h * s.w * c]);
+            return;
         }
-    });
+        y[..s.n * oh * ow * c].par_chunks_mut(oh * ow * c).enumerate().for_each(|(b, y)| {
+            for (o, y) in y.chunks_exact_mut(c).enumerate() {
+                pool_window(s, x, b * oh * ow + o, y);
+            }
+        });
+    }
 }
 
 /// `out (c)` = the maximum over window `r` (pooled pixels in NHWC order) of `x (n, h, w, c)`.
@@ -189,165 +195,171 @@ pub fn max_pool_backward(s: &PoolBnShape, x: &[f32], dy: &[f32], dx: &mut [f32])
     route_to_maxima(s, x, |r, g| g.copy_from_slice(&dy[r * s.c..(r + 1) * s.c]), dx);
 }
 
-/// `max_pool_backward` of the gradient that `grad(r, g)` writes into `g (c)` for pooled pixel
-/// `r`, computed as it is routed (no pass through memory); `p == 1` writes it into `dx`.
-fn route_to_maxima(s: &PoolBnShape, x: &[f32], grad: impl Fn(usize, &mut [f32]) + Sync, dx: &mut [f32]) {
-    let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
-    if p == 1 {
-        let rows = rows_per_task(c);
-        dx[..s.n * s.h * s.w * c].par_chunks_mut(rows * c).enumerate().for_each(|(chunk, dx)| {
-            for (i, g) in dx.chunks_exact_mut(c).enumerate() {
-                grad(chunk * rows + i, g);
+widest! {
+    /// `max_pool_backward` of the gradient that `grad(r, g)` writes into `g (c)` for pooled pixel
+    /// `r`, computed as it is routed (no pass through memory); `p == 1` writes it into `dx`.
+    fn route_to_maxima(s: &PoolBnShape, x: &[f32], grad: impl Fn(usize, &mut [f32]) + Sync, dx: &mut [f32]) {
+        let (oh, ow, c, p) = (s.out_h(), s.out_w(), s.c, s.pool);
+        if p == 1 {
+            let rows = rows_per_task(c);
+            dx[..s.n * s.h * s.w * c].par_chunks_mut(rows * c).enumerate().for_each(|(chunk, dx)| {
+                for (i, g) in dx.chunks_exact_mut(c).enumerate() {
+                    grad(chunk * rows + i, g);
+                }
+            });
+            return;
+        }
+        dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
+            let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
+            // the rows and columns that floor pooling drops
+            dx[oh * p * s.w * c..].fill(0.0);
+            for row in dx[..oh * p * s.w * c].chunks_exact_mut(s.w * c) {
+                row[ow * p * c..].fill(0.0);
+            }
+            let (mut best, mut arg, mut g) = (vec![0.0f32; c], vec![0u32; c], vec![0.0f32; c]);
+            for o in 0..oh * ow {
+                let (oy, ox) = (o / ow, o % ow);
+                let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
+                best.fill(f32::NEG_INFINITY);
+                for i in 0..p * p {
+                    for ((best, arg), &x) in best.iter_mut().zip(&mut arg).zip(&x[at(i)..at(i) + c]) {
+                        (*best, *arg) = if x > *best { (x, i as u32) } else { (*best, *arg) };
+                    }
+                }
+                // every position of the window written, branch-free: the gradient or 0
+                grad(b * oh * ow + o, &mut g);
+                for i in 0..p * p {
+                    for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&g) {
+                        *dx = if arg == i as u32 { dy } else { 0.0 };
+                    }
+                }
             }
         });
-        return;
     }
-    dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
-        let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
-        // the rows and columns that floor pooling drops
-        dx[oh * p * s.w * c..].fill(0.0);
-        for row in dx[..oh * p * s.w * c].chunks_exact_mut(s.w * c) {
-            row[ow * p * c..].fill(0.0);
-        }
-        let (mut best, mut arg, mut g) = (vec![0.0f32; c], vec![0u32; c], vec![0.0f32; c]);
-        for o in 0..oh * ow {
-            let (oy, ox) = (o / ow, o % ow);
-            let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
-            best.fill(f32::NEG_INFINITY);
-            for i in 0..p * p {
-                for ((best, arg), &x) in best.iter_mut().zip(&mut arg).zip(&x[at(i)..at(i) + c]) {
-                    (*best, *arg) = if x > *best { (x, i as u32) } else { (*best, *arg) };
-                }
-            }
-            // every position of the window written, branch-free: the gradient or 0
-            grad(b * oh * ow + o, &mut g);
-            for i in 0..p * p {
-                for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&g) {
-                    *dx = if arg == i as u32 { dy } else { 0.0 };
-                }
-            }
-        }
-    });
 }
 
-/// See `Backend::pool_bn_act_forward`.
-#[allow(clippy::too_many_arguments)]
-pub fn pool_bn_act_forward(
-    s: &PoolBnShape,
-    mode: BnMode,
-    y: &[f32],
-    beta: &[f32],
-    running: &mut [f32],
-    z: &mut [f32],
-    a: &mut [f32],
-    saved: &mut [f32],
-) {
-    let c = s.c;
-    let rows = s.n * s.out_h() * s.out_w();
-    // Pooling writes z, which BatchNorm then normalises in place. Without pooling BatchNorm
-    // reads y itself, and the normalising pass copies each chunk of y into z while it is in
-    // cache, instead of a separate copy of the whole tensor.
-    let (mean, istd) = saved[..2 * c].split_at_mut(c);
-    match mode {
-        BnMode::Train { momentum, eps } => {
-            // The first pass pools as it sums.
-            let pooled_out: &mut [f32] = if s.pool > 1 { &mut z[..rows * c] } else { &mut [] };
-            let [sums, _] = channel_sums(rows, c, pooled_out, |r, out, acc, _| {
-                let row: &[f32] = if s.pool > 1 {
-                    pool_window(s, y, r, out);
-                    out
-                } else {
-                    &y[r * c..(r + 1) * c]
-                };
+widest! {
+    /// See `Backend::pool_bn_act_forward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pool_bn_act_forward(
+        s: &PoolBnShape,
+        mode: BnMode,
+        y: &[f32],
+        beta: &[f32],
+        running: &mut [f32],
+        z: &mut [f32],
+        a: &mut [f32],
+        saved: &mut [f32],
+    ) {
+        let c = s.c;
+        let rows = s.n * s.out_h() * s.out_w();
+        // Pooling writes z, which BatchNorm then normalises in place. Without pooling BatchNorm
+        // reads y itself, and the normalising pass copies each chunk of y into z while it is in
+        // cache, instead of a separate copy of the whole tensor.
+        let (mean, istd) = saved[..2 * c].split_at_mut(c);
+        match mode {
+            BnMode::Train { momentum, eps } => {
+                // The first pass pools as it sums.
+                let pooled_out: &mut [f32] = if s.pool > 1 { &mut z[..rows * c] } else { &mut [] };
+                let [sums, _] = channel_sums(rows, c, pooled_out, |r, out, acc, _| {
+                    let row: &[f32] = if s.pool > 1 {
+                        pool_window(s, y, r, out);
+                        out
+                    } else {
+                        &y[r * c..(r + 1) * c]
+                    };
+                    for ch in 0..c {
+                        acc[ch] += row[ch] as f64;
+                    }
+                });
+                let pooled: &[f32] = if s.pool > 1 { z } else { y };
+                let mu: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
+                let [sq, _] = channel_sums(rows, c, &mut [], |r, _, acc, _| {
+                    for ch in 0..c {
+                        acc[ch] += (pooled[r * c + ch] as f64 - mu[ch]).powi(2);
+                    }
+                });
+                let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
                 for ch in 0..c {
-                    acc[ch] += row[ch] as f64;
+                    let var = sq[ch] / rows as f64;
+                    let unbiased = var * rows as f64 / (rows as f64 - 1.0).max(1.0);
+                    mean[ch] = mu[ch] as f32;
+                    istd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
+                    run_mean[ch] = momentum * run_mean[ch] + (1.0 - momentum) * mu[ch] as f32;
+                    run_var[ch] = momentum * run_var[ch] + (1.0 - momentum) * unbiased as f32;
                 }
-            });
-            let pooled: &[f32] = if s.pool > 1 { z } else { y };
-            let mu: Vec<f64> = sums.iter().map(|s| s / rows as f64).collect();
-            let [sq, _] = channel_sums(rows, c, &mut [], |r, _, acc, _| {
+            }
+            BnMode::Eval { eps } => {
+                if s.pool > 1 {
+                    max_pool(s, y, z);
+                }
                 for ch in 0..c {
-                    acc[ch] += (pooled[r * c + ch] as f64 - mu[ch]).powi(2);
+                    mean[ch] = running[ch];
+                    istd[ch] = 1.0 / (running[c + ch] + eps).sqrt();
                 }
-            });
-            let (run_mean, run_var) = running[..2 * c].split_at_mut(c);
-            for ch in 0..c {
-                let var = sq[ch] / rows as f64;
-                let unbiased = var * rows as f64 / (rows as f64 - 1.0).max(1.0);
-                mean[ch] = mu[ch] as f32;
-                istd[ch] = (1.0 / (var + eps as f64).sqrt()) as f32;
-                run_mean[ch] = momentum * run_mean[ch] + (1.0 - momentum) * mu[ch] as f32;
-                run_var[ch] = momentum * run_var[ch] + (1.0 - momentum) * unbiased as f32;
             }
         }
-        BnMode::Eval { eps } => {
-            if s.pool > 1 {
-                max_pool(s, y, z);
+        let (mean, istd) = (&*mean, &*istd);
+        let chunk = rows_per_task(c) * c;
+        let zay = z[..rows * c].par_chunks_mut(chunk).zip(a[..rows * c].par_chunks_mut(chunk)).zip(y[..rows * c].par_chunks(chunk));
+        zay.for_each(|((z, a), y)| {
+            if s.pool == 1 {
+                z.copy_from_slice(y);
             }
-            for ch in 0..c {
-                mean[ch] = running[ch];
-                istd[ch] = 1.0 / (running[c + ch] + eps).sqrt();
+            for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
+                for ch in 0..c {
+                    z[ch] = (z[ch] - mean[ch]) * istd[ch] + beta[ch];
+                    a[ch] = activate(s.act, z[ch]);
+                }
             }
-        }
+        });
     }
-    let (mean, istd) = (&*mean, &*istd);
-    let chunk = rows_per_task(c) * c;
-    let zay = z[..rows * c].par_chunks_mut(chunk).zip(a[..rows * c].par_chunks_mut(chunk)).zip(y[..rows * c].par_chunks(chunk));
-    zay.for_each(|((z, a), y)| {
-        if s.pool == 1 {
-            z.copy_from_slice(y);
-        }
-        for (z, a) in z.chunks_exact_mut(c).zip(a.chunks_exact_mut(c)) {
-            for ch in 0..c {
-                z[ch] = (z[ch] - mean[ch]) * istd[ch] + beta[ch];
-                a[ch] = activate(s.act, z[ch]);
-            }
-        }
-    });
 }
 
-/// See `Backend::pool_bn_act_backward`.
-#[allow(clippy::too_many_arguments)]
-pub fn pool_bn_act_backward(
-    s: &PoolBnShape,
-    y: &[f32],
-    z: &[f32],
-    saved: &[f32],
-    beta: &[f32],
-    da: &mut [f32],
-    dy: &mut [f32],
-    dbeta: &mut [f32],
-) {
-    let c = s.c;
-    let rows = s.n * s.out_h() * s.out_w();
-    let istd = &saved[c..2 * c];
-    // da ← dz = da·act'(z), summed as it is written: with γ = 1 and x̂ = z − β, Σdz is dβ, and
-    // Σdz·x̂ projects out the variance direction.
-    let [sum_dz, sum_dzx] = channel_sums(rows, c, &mut da[..rows * c], |r, d, sum_dz, sum_dzx| {
-        let z = &z[r * c..(r + 1) * c];
-        for ch in 0..c {
-            d[ch] *= activate_grad(s.act, z[ch]);
-            let xhat = z[ch] - beta[ch];
-            sum_dz[ch] += d[ch] as f64;
-            sum_dzx[ch] += (d[ch] * xhat) as f64;
+widest! {
+    /// See `Backend::pool_bn_act_backward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pool_bn_act_backward(
+        s: &PoolBnShape,
+        y: &[f32],
+        z: &[f32],
+        saved: &[f32],
+        beta: &[f32],
+        da: &mut [f32],
+        dy: &mut [f32],
+        dbeta: &mut [f32],
+    ) {
+        let c = s.c;
+        let rows = s.n * s.out_h() * s.out_w();
+        let istd = &saved[c..2 * c];
+        // da ← dz = da·act'(z), summed as it is written: with γ = 1 and x̂ = z − β, Σdz is dβ, and
+        // Σdz·x̂ projects out the variance direction.
+        let [sum_dz, sum_dzx] = channel_sums(rows, c, &mut da[..rows * c], |r, d, sum_dz, sum_dzx| {
+            let z = &z[r * c..(r + 1) * c];
+            for ch in 0..c {
+                d[ch] *= activate_grad(s.act, z[ch]);
+                let xhat = z[ch] - beta[ch];
+                sum_dz[ch] += d[ch] as f64;
+                sum_dzx[ch] += (d[ch] * xhat) as f64;
+            }
+        });
+        let mean_dz: Vec<f32> = sum_dz.iter().map(|s| (s / rows as f64) as f32).collect();
+        let mean_dzx: Vec<f32> = sum_dzx.iter().map(|s| (s / rows as f64) as f32).collect();
+        for (d, s) in dbeta.iter_mut().zip(&sum_dz) {
+            *d = *s as f32;
         }
-    });
-    let mean_dz: Vec<f32> = sum_dz.iter().map(|s| (s / rows as f64) as f32).collect();
-    let mean_dzx: Vec<f32> = sum_dzx.iter().map(|s| (s / rows as f64) as f32).collect();
-    for (d, s) in dbeta.iter_mut().zip(&sum_dz) {
-        *d = *s as f32;
+        // d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂)), routed to the maxima (or, without
+        // pooling, written to dy) as it is computed.
+        let dz = &*da;
+        let grad = |r: usize, g: &mut [f32]| {
+            let (dz, z) = (&dz[r * c..(r + 1) * c], &z[r * c..(r + 1) * c]);
+            for ch in 0..c {
+                let xhat = z[ch] - beta[ch];
+                g[ch] = istd[ch] * (dz[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
+            }
+        };
+        route_to_maxima(s, y, grad, dy);
     }
-    // d(pooled) = istd·(dz − mean(dz) − x̂·mean(dz·x̂)), routed to the maxima (or, without
-    // pooling, written to dy) as it is computed.
-    let dz = &*da;
-    let grad = |r: usize, g: &mut [f32]| {
-        let (dz, z) = (&dz[r * c..(r + 1) * c], &z[r * c..(r + 1) * c]);
-        for ch in 0..c {
-            let xhat = z[ch] - beta[ch];
-            g[ch] = istd[ch] * (dz[ch] - mean_dz[ch] - xhat * mean_dzx[ch]);
-        }
-    };
-    route_to_maxima(s, y, grad, dy);
 }
 
 #[cfg(test)]

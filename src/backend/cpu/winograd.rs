@@ -92,7 +92,7 @@ fn images_per_chunk(s: &ConvShape, tiles_wanted: usize) -> usize {
 }
 
 /// Lanes per block in `apply`: one AVX2 register (AVX-512 blocks of 16 come first where the
-/// CPU has them: see `widest`).
+/// CPU has them: see `widest!`).
 const LANES: usize = 8;
 
 /// `dst[r] = Σ_k mat[r][k]·src[k]` for `R` output and `K` input vectors of `len` lanes, input
@@ -167,32 +167,24 @@ fn two_sided<const R: usize, const C: usize, const K: usize, const WIDE: usize>(
     }
 }
 
-/// `fn $name(args)`: `$with::<16>(args)` compiled for AVX-512 where the CPU has it (a block of
-/// 16 lanes per instruction halves the transforms' loop and address work), else
-/// `$with::<8>(args)`; the same bits either way (`apply`).
-macro_rules! widest {
-    ($name:ident = $with:ident($($arg:ident: $ty:ty),*)) => {
-        fn $name($($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                #[target_feature(enable = "avx512f")]
-                unsafe fn avx512($($arg: $ty),*) {
-                    $with::<16>($($arg),*)
-                }
-                // SAFETY: the CPU has AVX-512F.
-                return unsafe { avx512($($arg),*) };
-            }
-            $with::<LANES>($($arg),*)
-        }
-    };
+widest! {
+    fn transform_input(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]) lanes WIDE {
+        transform_input_with::<WIDE>(s, x, b0, count, v)
+    }
+}
+widest! {
+    fn transform_output(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]) lanes WIDE {
+        transform_output_with::<WIDE>(s, m, count, y)
+    }
+}
+widest! {
+    fn transform_output_grad(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]) lanes WIDE {
+        transform_output_grad_with::<WIDE>(s, dy, b0, count, dm)
+    }
 }
 
-widest!(transform_input = transform_input_with(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]));
-widest!(transform_output = transform_output_with(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]));
-widest!(transform_output_grad = transform_output_grad_with(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]));
-
 /// `V (AA, tiles, c_in)`: the transformed 6×6 input tiles of images `b0..b0+count` of `x`.
-#[inline(always)] // into `widest`'s AVX-512 copy
+#[inline(always)] // into both of `widest`'s copies
 fn transform_input_with<const WIDE: usize>(s: &ConvShape, x: &[f32], b0: usize, count: usize, v: &mut [f32]) {
     let (c, (th, tw)) = (s.c_in, tiles(s));
     let t_all = count * th * tw;
@@ -240,7 +232,7 @@ fn transform_filter(s: &ConvShape, w: &[f32]) -> Vec<f32> {
 }
 
 /// `y (count, oh, ow, c_out) = Aᵀ m A` of every tile of `m (AA, tiles, c_out)`, clipped to the output.
-#[inline(always)] // into `widest`'s AVX-512 copy
+#[inline(always)] // into both of `widest`'s copies
 fn transform_output_with<const WIDE: usize>(s: &ConvShape, m: &[f32], count: usize, y: &mut [f32]) {
     let (c, (th, tw), (oh, ow)) = (s.c_out, tiles(s), (s.out_h(), s.out_w()));
     let t_all = count * th * tw;
@@ -289,7 +281,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
 
 /// `dm (AA, tiles, c_out)`: the adjoint of the output transform, `A dy Aᵀ`, of images
 /// `b0..b0+count` of `dy`, with zeros where a tile overhangs the output.
-#[inline(always)] // into `widest`'s AVX-512 copy
+#[inline(always)] // into both of `widest`'s copies
 fn transform_output_grad_with<const WIDE: usize>(s: &ConvShape, dy: &[f32], b0: usize, count: usize, dm: &mut [f32]) {
     let (c, (th, tw), (oh, ow)) = (s.c_out, tiles(s), (s.out_h(), s.out_w()));
     let t_all = count * th * tw;
