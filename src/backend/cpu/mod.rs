@@ -7,7 +7,7 @@
 
 /// `$vis fn $name(args) $body`, compiled twice: for AVX-512 (closures defined in the body
 /// inherit it: the per-channel loops inside rayon's tasks too) and for the build's target
-/// (AVX2), and run as the former where the CPU has AVX-512F. `lanes L` declares `const L` in
+/// (AVX2), and run as the former where the CPU has AVX-512F (unless `PORTABLE_ONLY`). `lanes L` declares `const L` in
 /// the body: 16 in the AVX-512 copy, 8 in the other. Each lane computes the same operations in
 /// the same order either way, so the results are the same bits, only sooner (fewer
 /// instructions per value: the elementwise passes, Winograd's transforms).
@@ -16,7 +16,9 @@ macro_rules! widest {
         $(#[$attr])*
         $vis fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx512f") {
+            if !crate::backend::cpu::PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+                && std::arch::is_x86_feature_detected!("avx512f")
+            {
                 $(#[$attr])*
                 #[target_feature(enable = "avx512f")]
                 unsafe fn avx512($($arg: $ty),*) {
@@ -32,6 +34,11 @@ macro_rules! widest {
     };
 }
 
+/// Set, `widest!` runs the build target's copies even where the CPU has AVX-512: the test that
+/// both copies give the same bits sets it (which, for that very reason, changes nothing for
+/// whatever else runs meanwhile).
+static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+
 mod conv;
 mod gemm;
 pub mod norm;
@@ -46,6 +53,7 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::{ready, Future};
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 
 thread_local! {
     /// Per-thread scratch for patch matrices, reused across calls.
@@ -441,5 +449,66 @@ impl Backend for Cpu {
         // b (k, n) has strides (n, 1); stored (n, k) and transposed, (1, k).
         let b_strides = if b_transposed { (1, k) } else { (n, 1) };
         gemm::sgemm(m, k, n, alpha, window(&a), (k, 1), window(&b), b_strides, beta, window_mut(&mut c));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Act;
+    use crate::rng::Rng;
+    use std::sync::atomic::Ordering;
+
+    /// `widest!`'s two copies of each op give the same bits (the claim that lets the AVX-512
+    /// copies run where the CPU has them): Winograd's transforms through the 3×3 convolutions'
+    /// inference forward and filter gradient, pool+BatchNorm+activation forward and backward
+    /// (pooled and not, GELU and SiLU), bias+GELU, on random data with channel counts that
+    /// leave partial blocks of 16 and of 8 lanes.
+    #[test]
+    fn widest_copies_agree() {
+        #[cfg(target_arch = "x86_64")]
+        if !std::arch::is_x86_feature_detected!("avx512f") {
+            eprintln!("widest_copies_agree: SKIPPED (no AVX-512 on this CPU: one copy runs)");
+            return;
+        }
+        let outputs = || {
+            let mut rng = Rng::new(3);
+            let mut random = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.symmetric(2.0)).collect() };
+            let mut out = Vec::new();
+            let s = ConvShape { n: 3, h: 9, w: 9, c_in: 27, c_out: 21, k: 3, pad: 1 };
+            let (x, w, dy) = (random(3 * 81 * 27), random(21 * 9 * 27), random(3 * 81 * 21));
+            let (mut y, mut dw) = (vec![0.0; 3 * 81 * 21], vec![0.0; 21 * 9 * 27]);
+            conv::forward_inference(&s, &x, &w, &mut y);
+            conv::backward_filter(&s, &x, &dy, &mut dw);
+            out.extend([y, dw]);
+            for (pool, act) in [(2, Act::Gelu), (1, Act::Silu)] {
+                let p = PoolBnShape { n: 3, h: 9, w: 9, c: 27, pool, act };
+                let rows = 3 * p.out_h() * p.out_w();
+                let (y, beta, mut running) = (random(3 * 81 * 27), random(27), random(54));
+                running[27..].iter_mut().for_each(|v| *v = v.abs() + 0.5); // variances
+                let (mut z, mut a, mut saved) = (vec![0.0; rows * 27], vec![0.0; rows * 27], vec![0.0; 54]);
+                let mode = BnMode::Train { momentum: 0.6, eps: 1e-5 };
+                norm::pool_bn_act_forward(&p, mode, &y, &beta, &mut running, &mut z, &mut a, &mut saved);
+                let (mut da, mut dy, mut dbeta) = (random(rows * 27), vec![0.0; 3 * 81 * 27], vec![0.0; 27]);
+                norm::pool_bn_act_backward(&p, &y, &z, &saved, &beta, &mut da, &mut dy, &mut dbeta);
+                let (mut z_eval, mut a_eval) = (vec![0.0; rows * 27], vec![0.0; rows * 27]);
+                norm::pool_bn_act_forward(&p, BnMode::Eval { eps: 1e-5 }, &y, &beta, &mut running, &mut z_eval, &mut a_eval, &mut saved);
+                out.extend([z, a, running, dy, dbeta, a_eval]);
+            }
+            let (mut z, bias, da) = (random(50 * 27), random(27), random(50 * 27));
+            let (mut a, mut dbias) = (vec![0.0; 50 * 27], vec![0.0; 27]);
+            norm::bias_gelu_forward(50, 27, &mut z, &bias, &mut a);
+            norm::bias_gelu_backward(50, 27, &z, &da, &mut dbias);
+            out.extend([a, dbias]);
+            out
+        };
+        let wide = outputs();
+        PORTABLE_ONLY.store(true, Ordering::Relaxed);
+        let narrow = outputs();
+        PORTABLE_ONLY.store(false, Ordering::Relaxed);
+        for (i, (w, n)) in wide.iter().zip(&narrow).enumerate() {
+            let differ = w.iter().zip(n).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "output {i}: {differ} of {} values differ between the AVX-512 and AVX2 copies", w.len());
+        }
     }
 }
