@@ -7,10 +7,11 @@
 
 /// `$vis fn $name(args) $body`, compiled twice: for AVX-512 (closures defined in the body
 /// inherit it: the per-channel loops inside rayon's tasks too) and for the build's target
-/// (AVX2), and run as the former where the CPU has AVX-512F (unless `PORTABLE_ONLY`). `lanes L` declares `const L` in
-/// the body: 16 in the AVX-512 copy, 8 in the other. Each lane computes the same operations in
-/// the same order either way, so the results are the same bits, only sooner (fewer
-/// instructions per value: the elementwise passes, Winograd's transforms).
+/// (AVX2), and run as the former where the CPU has AVX-512F (unless `PORTABLE_ONLY`).
+/// `lanes L` declares `const L` in the body: 16 in the AVX-512 copy, 8 in the other. Each
+/// lane computes the same operations in the same order either way, so the results are the
+/// same bits, only sooner (fewer instructions per value: the elementwise passes, Winograd's
+/// transforms). Other architectures compile the body once.
 macro_rules! widest {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(lanes $lanes:ident)? $body:block) => {
         $(#[$attr])*
@@ -37,7 +38,8 @@ macro_rules! widest {
 /// Set, `widest!` runs the build target's copies even where the CPU has AVX-512: the test that
 /// both copies give the same bits sets it (which, for that very reason, changes nothing for
 /// whatever else runs meanwhile).
-static PORTABLE_ONLY: AtomicBool = AtomicBool::new(false);
+#[cfg(target_arch = "x86_64")]
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 mod conv;
 mod gemm;
@@ -53,7 +55,6 @@ use std::borrow::Cow;
 use std::cell::RefCell;
 use std::future::{ready, Future};
 use std::ops::Range;
-use std::sync::atomic::AtomicBool;
 
 thread_local! {
     /// Per-thread scratch for patch matrices, reused across calls.
@@ -452,7 +453,7 @@ impl Backend for Cpu {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
     use crate::backend::Act;
@@ -466,7 +467,6 @@ mod tests {
     /// leave partial blocks of 16 and of 8 lanes.
     #[test]
     fn widest_copies_agree() {
-        #[cfg(target_arch = "x86_64")]
         if !std::arch::is_x86_feature_detected!("avx512f") {
             eprintln!("widest_copies_agree: SKIPPED (no AVX-512 on this CPU: one copy runs)");
             return;
