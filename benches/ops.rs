@@ -4,9 +4,9 @@
 //!
 //! `cargo bench --bench ops [-- --batch N --reps N --backend cpu|wgpu|all --conv tiled|direct|both
 //! --precision f32|half|both --w1 64 --w2 256 --w3 256 --only TEXT]` (defaults: batch 64, 3
-//! repetitions, every backend; wgpu in both precisions where the adapter has f16, the CPU in f32, as its
-//! half is an emulation for accuracy checks; each op is timed after one untimed warm-up call,
-//! synchronised before and after). A conv's GFLOP/s counts a direct convolution's 2·MACs,
+//! repetitions, every backend; wgpu in both precisions where the adapter has f16, the CPU in
+//! f32, as its half is an emulation for accuracy checks; each op is timed after one untimed
+//! warm-up call, synchronised before and after). A conv's GFLOP/s counts a direct convolution's 2·MACs,
 //! whatever the algorithm (Winograd does a quarter of the multiplies: its rate is effective);
 //! `infer` is the inference forward (`conv_forward_inference`), not part of a training step.
 //! `--only TEXT` times only the rows whose name contains TEXT (`3² fwd`, `wgrad`, `whole`).
