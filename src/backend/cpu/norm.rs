@@ -209,27 +209,30 @@ widest! {
             });
             return;
         }
-        dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate().for_each(|(b, dx)| {
+        // Per-channel maxima, their window positions and the gradient, (c) each: one set per
+        // rayon task rather than per image.
+        let scratch = || (vec![0.0f32; c], vec![0u32; c], vec![0.0f32; c]);
+        let images = dx[..s.n * s.h * s.w * c].par_chunks_mut(s.h * s.w * c).enumerate();
+        images.for_each_init(scratch, |(best, arg, g), (b, dx)| {
             let x = &x[b * s.h * s.w * c..(b + 1) * s.h * s.w * c];
             // the rows and columns that floor pooling drops
             dx[oh * p * s.w * c..].fill(0.0);
             for row in dx[..oh * p * s.w * c].chunks_exact_mut(s.w * c) {
                 row[ow * p * c..].fill(0.0);
             }
-            let (mut best, mut arg, mut g) = (vec![0.0f32; c], vec![0u32; c], vec![0.0f32; c]);
             for o in 0..oh * ow {
                 let (oy, ox) = (o / ow, o % ow);
                 let at = |i: usize| ((oy * p + i / p) * s.w + ox * p + i % p) * c;
                 best.fill(f32::NEG_INFINITY);
                 for i in 0..p * p {
-                    for ((best, arg), &x) in best.iter_mut().zip(&mut arg).zip(&x[at(i)..at(i) + c]) {
+                    for ((best, arg), &x) in best.iter_mut().zip(arg.iter_mut()).zip(&x[at(i)..at(i) + c]) {
                         (*best, *arg) = if x > *best { (x, i as u32) } else { (*best, *arg) };
                     }
                 }
                 // every position of the window written, branch-free: the gradient or 0
-                grad(b * oh * ow + o, &mut g);
+                grad(b * oh * ow + o, g);
                 for i in 0..p * p {
-                    for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(&arg).zip(&g) {
+                    for ((dx, &arg), &dy) in dx[at(i)..at(i) + c].iter_mut().zip(arg.iter()).zip(g.iter()) {
                         *dx = if arg == i as u32 { dy } else { 0.0 };
                     }
                 }
