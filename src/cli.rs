@@ -75,6 +75,7 @@ const ENVIRONMENT: &str = "Environment:
   SPEEDRUN_CIFAR_URL          a mirror of cifar-10-binary.tar.gz to download from (the MD5 is checked all the same)
   SPEEDRUN_PROGRESS_SECONDS   seconds between plain progress lines when stderr is not a terminal (default 30; 0: none)
   LD_LIBRARY_PATH             where the CUDA backend finds NVRTC, cuBLAS and cuDNN (see the README's \"CUDA\")
+  SPEEDRUN_CACHE              the CUDA backend's start-up cache of compiled kernels and cuDNN choices (default: ~/.cache/speedrun/cuda on Linux; off: none)
   SPEEDRUN_CUDA_LOG=1         print the cuDNN algorithm chosen for each convolution
   SPEEDRUN_CUDA_GRAPHS=0      run CUDA training steps without CUDA graphs";
 
@@ -382,6 +383,17 @@ fn info() {
             default = "cuda";
         }
         Err(e) => out!("cuda: unavailable: {e:#}"),
+    }
+    #[cfg(feature = "cuda")]
+    {
+        let cache = cuda::cache::DiskCache::open();
+        match cache.dir() {
+            Some(dir) => {
+                let (entries, bytes) = cache.usage();
+                out!("      start-up cache (PTX, cuDNN choices): {} ({entries} entries, {} KiB)", dir.display(), bytes.div_ceil(1024))
+            }
+            None => out!("      start-up cache: off (SPEEDRUN_CACHE=off, or no per-user cache folder)"),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     out!("cuda: not built (build with `--features cuda`)");

@@ -1,8 +1,11 @@
 //! cuDNN convolutions: one plan (descriptors and algorithm) per conv shape and pass, made on
 //! first use. The algorithm is chosen by timing every one cuDNN accepts on the real buffers,
 //! as PyTorch's `cudnn.benchmark`; this happens in the first training step (the warm-up run
-//! of `speedrun bench`), never in a captured or timed step.
+//! of `speedrun bench`), never in a captured or timed step, and the choice goes into the
+//! start-up cache (`cache.rs`), keyed by GPU, cuDNN version, shape, pass and math, so later
+//! processes take it from there instead of timing again.
 
+use super::cache::Lookup;
 use super::Cuda;
 use crate::backend::ConvShape;
 use cudarc::cudnn::{self, sys as dnn, ConvDescriptor, CudnnError, FilterDescriptor, TensorDescriptor};
@@ -137,6 +140,26 @@ impl Cuda {
             }
         };
         let mut plan = ConvPlan { conv, x, w, y, algo: heuristic };
+        let key = format!(
+            "cuDNN algorithm\nGPU {}\ncuDNN {}\n{pass:?} of {s:?}\nmath {}\nworkspace at most {MAX_WORKSPACE}",
+            self.name,
+            cudnn::result::get_version(),
+            if exact { "FMA" } else { "default (TF32)" }
+        );
+        // A cached choice counts only if it names one of this pass's candidates that cuDNN still
+        // accepts within the workspace limit; anything else is timed again and overwritten.
+        let cached = match self.cache.get(&key) {
+            Lookup::Hit(name) => Algo::candidates(pass, exact).into_iter().find(|a| format!("{a:?}").as_bytes() == name),
+            Lookup::Miss | Lookup::Corrupt => None,
+        };
+        if let Some((algo, bytes)) = cached.and_then(|a| Some((a, plan.workspace_size(a).ok().filter(|&b| b <= MAX_WORKSPACE)?))) {
+            self.reserve_workspace(bytes);
+            plan.algo = algo;
+            if std::env::var_os("SPEEDRUN_CUDA_LOG").is_some() {
+                eprintln!("cuDNN {pass:?} {}→{} {}² n={}: {algo:?} (from the cache)", s.c_in, s.c_out, s.h, s.n);
+            }
+            return Ok(plan);
+        }
         let mut best = (f32::INFINITY, heuristic);
         let mut tried = Vec::new();
         for algo in std::iter::once(heuristic).chain(Algo::candidates(pass, exact).into_iter().filter(|&a| a != heuristic)) {
@@ -152,19 +175,26 @@ impl Cuda {
             }
         }
         plan.algo = best.1;
+        self.cache.store(&key, format!("{:?}", plan.algo).as_bytes());
         if std::env::var_os("SPEEDRUN_CUDA_LOG").is_some() {
             eprintln!("cuDNN {pass:?} {}→{} {}² n={}: {:?}; tried {}", s.c_in, s.c_out, s.h, s.n, plan.algo, tried.join(", "));
         }
         Ok(plan)
     }
 
-    /// Milliseconds of one run of `algo` (the faster of two), or None where it fails.
-    fn time_conv(&self, plan: &ConvPlan, algo: Algo, bytes: usize, launch: &mut Launch) -> Option<f32> {
+    /// Grows the workspace to at least `bytes` (only while planning: see `run_conv`).
+    fn reserve_workspace(&self, bytes: usize) {
         let mut workspace = self.workspace.borrow_mut();
         if workspace.len() < bytes {
             *workspace =
                 self.stream.alloc_zeros::<u8>(bytes).unwrap_or_else(|e| panic!("cannot allocate a {bytes}-byte cuDNN workspace: {e:?}"));
         }
+    }
+
+    /// Milliseconds of one run of `algo` (the faster of two), or None where it fails.
+    fn time_conv(&self, plan: &ConvPlan, algo: Algo, bytes: usize, launch: &mut Launch) -> Option<f32> {
+        self.reserve_workspace(bytes);
+        let mut workspace = self.workspace.borrow_mut();
         let ctx = self.stream.context();
         let event = || ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).expect("CUDA event");
         let (start, end) = (event(), event());

@@ -9,12 +9,14 @@
 //! last three, in `site-packages/nvidia/cu13/lib` and `site-packages/nvidia/cudnn/lib`.
 
 mod blas;
+pub mod cache;
 mod conv;
 mod graph;
 mod launch;
 
 use crate::backend::{ConvShape, View, ViewMut};
 use anyhow::{bail, Context, Result};
+use cache::{DiskCache, Source};
 use cudarc::cudnn::{self, Cudnn};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut};
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileOptions, Ptx};
@@ -57,11 +59,35 @@ pub const FAMILIES: [(&str, &str, &[&str]); 4] = [
     ),
 ];
 
+fn compile_options(name: &str, arch: &'static str) -> CompileOptions {
+    CompileOptions { arch: Some(arch), name: Some(format!("{name}.cu")), ..Default::default() }
+}
+
 /// Compiles one kernel family to PTX for `arch` (e.g. "sm_90").
 pub fn compile_family(name: &str, source: &str, arch: &'static str) -> Result<Ptx> {
-    let opts = CompileOptions { arch: Some(arch), name: Some(format!("{name}.cu")), ..Default::default() };
-    compile_ptx_with_opts(format!("{COMMON}\n{source}"), opts)
+    compile_ptx_with_opts(format!("{COMMON}\n{source}"), compile_options(name, arch))
         .map_err(|e| anyhow::anyhow!("NVRTC failed on kernels/{name}.cu for {arch}: {e}"))
+}
+
+/// `compile_family`'s PTX from `cache` where an entry for this source, architecture, NVRTC
+/// version and options is there; else compiled and stored.
+pub fn compile_family_cached(cache: &DiskCache, name: &str, source: &str, arch: &'static str) -> Result<(Ptx, Source)> {
+    let (major, minor) = nvrtc_version();
+    let key = format!(
+        "NVRTC PTX of kernels/{name}.cu\nsource sha256 {}\nNVRTC {major}.{minor}\noptions {:?}",
+        crate::download::sha256_hex(format!("{COMMON}\n{source}").as_bytes()),
+        compile_options(name, arch)
+    );
+    let (ptx, from) = cache.get_or_build(&key, || compile_family(name, source, arch).map(|ptx| ptx.to_src().into_bytes()))?;
+    Ok((Ptx::from_src(String::from_utf8(ptx).context("a cached PTX is not text")?), from))
+}
+
+/// NVRTC's (major, minor) version; NVRTC must be loadable (`Libraries::probe`).
+pub fn nvrtc_version() -> (i32, i32) {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the call only writes the two ints.
+    unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    (major, minor)
 }
 
 /// Which of the libraries the backend loads at run time are there.
@@ -186,8 +212,12 @@ pub struct Cuda {
     /// that allocate.
     allocations: Cell<usize>,
     name: String,
-    /// Seconds NVRTC took for all kernel families (outside any timed region).
+    /// Seconds NVRTC (or the cache) took for all kernel families (outside any timed region),
+    /// and how many came from the cache.
     compile_seconds: f64,
+    cached_families: usize,
+    /// NVRTC's PTX and cuDNN's algorithm choices from earlier processes.
+    cache: DiskCache,
 }
 
 impl Cuda {
@@ -199,9 +229,12 @@ impl Cuda {
         let name = format!("{} (sm_{major}{minor}, {} GiB)", ctx.name()?, ctx.total_mem()? >> 30);
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
         let started = std::time::Instant::now();
-        let mut functions = HashMap::new();
+        let cache = DiskCache::open();
+        let (mut functions, mut cached_families) = (HashMap::new(), 0);
         for (family, source, entries) in FAMILIES {
-            let module = ctx.load_module(compile_family(family, source, arch)?)?;
+            let (ptx, from) = compile_family_cached(&cache, family, source, arch)?;
+            cached_families += usize::from(from == Source::Cached);
+            let module = ctx.load_module(ptx)?;
             for &entry in entries {
                 functions.insert(entry, module.load_function(entry).with_context(|| format!("kernel {entry} of kernels/{family}.cu"))?);
             }
@@ -229,6 +262,8 @@ impl Cuda {
             allocations: Cell::new(0),
             name,
             compile_seconds,
+            cached_families,
+            cache,
         })
     }
 
@@ -244,19 +279,19 @@ impl Cuda {
 
     /// Library versions, for `speedrun info`.
     pub fn versions(&self) -> String {
-        let (mut driver, mut major, mut minor) = (0, 0, 0);
-        // SAFETY: both libraries are loaded (checked in `new`); the calls only write the ints.
-        unsafe {
-            cudarc::driver::sys::cuDriverGetVersion(&mut driver);
-            cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor);
-        }
+        let mut driver = 0;
+        // SAFETY: the driver is loaded (checked in `new`); the call only writes the int.
+        unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+        let (major, minor) = nvrtc_version();
         format!(
-            "driver CUDA {}.{}, NVRTC {major}.{minor}, cuBLAS {}, cuDNN {}; kernels compiled in {:.2} s",
+            "driver CUDA {}.{}, NVRTC {major}.{minor}, cuBLAS {}, cuDNN {}; kernels ready in {:.2} s ({} of {} families from the cache)",
             driver / 1000,
             driver % 1000 / 10,
             self.blas.version(),
             cudnn::result::get_version(),
-            self.compile_seconds
+            self.compile_seconds,
+            self.cached_families,
+            FAMILIES.len()
         )
     }
 
