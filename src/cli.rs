@@ -39,6 +39,10 @@ pub(crate) use err;
 /// work, so a training run whose reader went away still finishes and saves what it was asked to.
 static STDOUT_FAILED: Mutex<Option<std::io::Error>> = Mutex::new(None);
 
+/// When `main` started: the cold start (launch to the first step, kernels and caches
+/// included) is measured from here.
+static LAUNCHED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// Writes one line to stdout, or, when stdout has failed, nothing.
 pub(crate) fn out_line(args: std::fmt::Arguments) {
     let mut failed = STDOUT_FAILED.lock().unwrap_or_else(|e| e.into_inner());
@@ -229,6 +233,9 @@ struct TrainArgs {
 
 #[derive(clap::Args)]
 struct ProfileArgs {
+    /// The GPU backend to profile: wgpu (its default adapter) or cuda.
+    #[arg(long, value_enum, default_value = "wgpu")]
+    backend: BackendKind,
     /// Folder with CIFAR-10 (default: $SPEEDRUN_DATA, else ~/.cache/speedrun/cifar10).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -401,6 +408,7 @@ fn info() {
 }
 
 pub fn main() {
+    LAUNCHED.get_or_init(std::time::Instant::now);
     quiet_headless_vulkan();
     let result = run(Cli::parse()).and_then(|()| match stdout_failure() {
         Some(failure) => bail!("{failure}; the output after that was dropped"),
@@ -588,9 +596,10 @@ fn train_command<B: Backend>(b: &B, args: &TrainArgs, warm_up: bool) -> Result<(
     );
     if warm_up {
         let started = std::time::Instant::now();
+        let since_launch = LAUNCHED.get().map_or(0.0, |t| t.elapsed().as_secs_f64());
         trainer.reset(args.seed);
         block_on(train_run(&mut trainer, &test_data, &mut plain, &mut tta, &mut |_| Flow::Continue))?;
-        out!("warm-up run (not counted): {:.2} s", started.elapsed().as_secs_f64());
+        out!("warm-up run (not counted): {:.2} s, begun {since_launch:.2} s after launch", started.elapsed().as_secs_f64());
     }
     out!("{HEADER}");
     let mut progress = crate::progress::Progress::on_stderr();
@@ -723,20 +732,29 @@ fn data_dir_downloading(dir: Option<&Path>) -> Result<PathBuf> {
     Ok(dir)
 }
 
-#[cfg(not(feature = "wgpu"))]
-fn profile_command(_: &ProfileArgs) -> Result<()> {
-    bail!("profiling needs the wgpu backend; this build has only: {}", built_backends())
+/// Profiles on `--backend` (wgpu by default, on its default adapter; or cuda).
+fn profile_command(args: &ProfileArgs) -> Result<()> {
+    let kind = args.backend;
+    if kind == BackendKind::Cpu {
+        bail!("profile times GPU kernels; the CPU backend's time per op: `cargo bench --bench ops -- --backend cpu`");
+    }
+    match pick_backend(Some(kind), args.recipe.config()?.precision)? {
+        #[cfg(feature = "wgpu")]
+        Chosen::Wgpu(b) => profile_steps(&*b, args),
+        #[cfg(feature = "cuda")]
+        Chosen::Cuda(b) => profile_steps(&*b, args),
+        Chosen::Cpu(_) => unreachable!("the CPU backend was refused above"),
+    }
 }
 
-/// Profiles `--steps` training steps of epoch `--epoch` on the default wgpu adapter and
-/// prints GPU time per kernel, longest first.
-#[cfg(feature = "wgpu")]
-fn profile_command(args: &ProfileArgs) -> Result<()> {
+/// Profiles `--steps` training steps of epoch `--epoch` and prints GPU time per kernel,
+/// longest first.
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+fn profile_steps<B: speedrun::backend::Profile>(b: &B, args: &ProfileArgs) -> Result<()> {
     let cfg = args.recipe.config()?;
-    let b = block_on(Wgpu::with_precision(block_on(webgpu::default_adapter())?, cfg.precision))?;
     let split = data::load_train(&data_dir_downloading(args.data_dir.as_deref())?, args.train_limit)?;
-    let train = DeviceSplit::new(&b, &split);
-    let mut t = Trainer::new(&b, cfg, &train)?;
+    let train = DeviceSplit::new(b, &split);
+    let mut t = Trainer::new(b, cfg, &train)?;
     let (steps_per_epoch, epoch, steps) = (t.cfg.steps_per_epoch(train.len()), args.epoch as usize, args.steps as usize);
     if epoch * steps_per_epoch > t.total_steps || steps + 1 > steps_per_epoch {
         bail!("a run has {} epochs of {steps_per_epoch} steps: pick --epoch and --steps inside them", t.total_steps / steps_per_epoch);

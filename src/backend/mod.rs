@@ -356,6 +356,40 @@ pub trait Backend {
     );
 }
 
+/// GPU time per kernel over the profiled steps (`speedrun profile`), for the backends that
+/// can time their kernels on the device.
+pub trait Profile: Backend {
+    /// Starts timing every kernel (an error where the device cannot).
+    fn start_profile(&self) -> anyhow::Result<()>;
+    /// Stops timing; each kernel's total, longest first.
+    fn finish_profile(&self) -> impl Future<Output = Vec<KernelTime>>;
+}
+
+/// One kernel's total over the profiled steps: its label (the kernel, and for convolutions
+/// the layer shape and pass), calls, seconds and useful floating-point operations.
+pub struct KernelTime {
+    pub name: String,
+    pub calls: usize,
+    pub seconds: f64,
+    pub flops: f64,
+}
+
+impl KernelTime {
+    /// Per-label totals of timed calls `(label, seconds, flops)`, longest first.
+    pub fn totals(calls: impl IntoIterator<Item = (String, f64, f64)>) -> Vec<KernelTime> {
+        let mut totals: std::collections::HashMap<String, KernelTime> = std::collections::HashMap::new();
+        for (name, seconds, flops) in calls {
+            let t = totals.entry(name.clone()).or_insert(KernelTime { name, calls: 0, seconds: 0.0, flops: 0.0 });
+            t.calls += 1;
+            t.seconds += seconds;
+            t.flops += flops;
+        }
+        let mut rows: Vec<KernelTime> = totals.into_values().collect();
+        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
+        rows
+    }
+}
+
 /// A whole-buffer view.
 pub fn all<T>(buf: &T, len: usize) -> View<'_, T> {
     View { buf, range: 0..len }

@@ -20,6 +20,17 @@ pub(super) enum Pass {
     BackwardFilter,
 }
 
+impl Pass {
+    /// The pass as the profiles name it.
+    fn short(self) -> &'static str {
+        match self {
+            Pass::Forward => "fwd",
+            Pass::BackwardData => "dgrad",
+            Pass::BackwardFilter => "wgrad",
+        }
+    }
+}
+
 /// cuDNN's algorithm for one pass.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) enum Algo {
@@ -72,6 +83,17 @@ impl Algo {
         all.into_iter().filter(|a| !exact || !a.is_transform()).collect()
     }
 
+    /// The algorithm's name without cuDNN's prefix, e.g. `IMPLICIT_PRECOMP_GEMM`.
+    fn short(&self) -> String {
+        let name = format!("{self:?}");
+        let inner = name.split_once('(').map_or(name.as_str(), |(_, rest)| rest.trim_end_matches(')'));
+        ["CUDNN_CONVOLUTION_FWD_ALGO_", "CUDNN_CONVOLUTION_BWD_DATA_ALGO_", "CUDNN_CONVOLUTION_BWD_FILTER_ALGO_"]
+            .iter()
+            .find_map(|prefix| inner.strip_prefix(prefix))
+            .unwrap_or(inner)
+            .to_string()
+    }
+
     fn is_transform(&self) -> bool {
         let name = format!("{self:?}");
         name.contains("FFT") || name.contains("WINOGRAD")
@@ -116,7 +138,8 @@ impl Cuda {
             plan
         });
         let mut workspace = self.workspace.borrow_mut();
-        if let Err(e) = launch(&plan, plan.algo, &mut workspace) {
+        let name = || format!("conv {} {}→{} {}² (cuDNN {})", pass.short(), s.c_in, s.c_out, s.h, plan.algo.short());
+        if let Err(e) = self.timed(name, 2.0 * s.macs() as f64, || launch(&plan, plan.algo, &mut workspace)) {
             panic!("cuDNN {pass:?} of {s:?} with {:?} failed: {e:?}", plan.algo);
         }
     }

@@ -7,14 +7,18 @@ use crate::backend::{Act, Backend, BnMode, ConvShape, PoolBnShape, View, ViewMut
 use cudarc::cudnn;
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
-/// Launches kernel `$name` with config `$cfg` and the arguments in the order of its signature.
+/// Launches kernel `$name` with config `$cfg` and the arguments in the order of its signature
+/// (timed under its name while profiling).
 macro_rules! launch {
     ($cuda:expr, $name:literal, $cfg:expr; $($arg:expr),* $(,)?) => {{
         let cfg = $cfg;
         // One expression, so the argument views live until the launch.
         // SAFETY: the arguments follow the kernel's signature in kernels/*.cu, and every
         // buffer holds the elements the kernel indexes for these shapes.
-        if let Err(e) = unsafe { $cuda.stream.launch_builder($cuda.function($name))$(.arg($arg))*.launch(cfg) } {
+        let launched = $cuda.timed(|| $name.to_string(), 0.0, || unsafe {
+            $cuda.stream.launch_builder($cuda.function($name))$(.arg($arg))*.launch(cfg)
+        });
+        if let Err(e) = launched {
             panic!("CUDA kernel {}: {e:?}", $name);
         }
     }};
@@ -440,6 +444,10 @@ impl Backend for Cuda {
         beta: f32,
         mut c: ViewMut<CudaSlice<f32>>,
     ) {
-        self.blas.matmul(shape, alpha, &view(&a), &view(&b), b_transposed, beta, &mut view_mut(&mut c));
+        let (m, k, n) = shape;
+        let name = || format!("matmul {m}×{k}×{n}{} (cuBLAS)", if b_transposed { "ᵀ" } else { "" });
+        self.timed(name, 2.0 * (m * k * n) as f64, || {
+            self.blas.matmul(shape, alpha, &view(&a), &view(&b), b_transposed, beta, &mut view_mut(&mut c))
+        });
     }
 }

@@ -13,6 +13,7 @@ pub mod cache;
 mod conv;
 mod graph;
 mod launch;
+mod profile;
 
 use crate::backend::{ConvShape, View, ViewMut};
 use anyhow::{bail, Context, Result};
@@ -218,6 +219,8 @@ pub struct Cuda {
     cached_families: usize,
     /// NVRTC's PTX and cuDNN's algorithm choices from earlier processes.
     cache: DiskCache,
+    /// The ops timed so far while `speedrun profile` runs.
+    profiler: RefCell<Option<profile::Profiler>>,
 }
 
 impl Cuda {
@@ -264,6 +267,7 @@ impl Cuda {
             compile_seconds,
             cached_families,
             cache,
+            profiler: RefCell::new(None),
         })
     }
 

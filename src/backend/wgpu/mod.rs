@@ -13,8 +13,6 @@
 mod launch;
 mod profile;
 
-pub use profile::KernelTime;
-
 use crate::backend::Precision;
 use anyhow::{anyhow, bail, Result};
 use std::borrow::Cow;
@@ -521,7 +519,7 @@ fn build_kernels(device: &wgpu::Device, precision: Precision) -> HashMap<&'stati
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, ConvShape, Crop, View};
+    use crate::backend::{all, all_mut, block_on, cpu::Cpu, Backend, ConvShape, Crop, Profile, View};
     use crate::rng::Rng;
 
     /// A device on the default adapter; None (skipped, with a message) unless

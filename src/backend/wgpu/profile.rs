@@ -4,8 +4,8 @@
 //! the end of the profile, so profiling adds no waits inside the profiled steps.
 
 use super::Wgpu;
+use crate::backend::{KernelTime, Profile};
 use anyhow::{bail, Result};
-use std::collections::HashMap;
 
 /// Timestamps per query set: two per dispatch (`QUERY_SET_MAX_QUERIES`).
 pub(super) const QUERIES: u32 = wgpu::QUERY_SET_MAX_QUERIES;
@@ -24,14 +24,6 @@ pub(super) struct Profiler {
     pub open: Vec<Label>,
     /// Per submission: its timestamps (in a mappable buffer) and its dispatches.
     done: Vec<(wgpu::Buffer, Vec<Label>)>,
-}
-
-/// One kernel's total over the profiled steps.
-pub struct KernelTime {
-    pub name: String,
-    pub calls: usize,
-    pub seconds: f64,
-    pub flops: f64,
 }
 
 impl Profiler {
@@ -69,9 +61,9 @@ impl Profiler {
     }
 }
 
-impl Wgpu {
+impl Profile for Wgpu {
     /// Starts timing every dispatch. Needs the adapter's `TIMESTAMP_QUERY` feature.
-    pub fn start_profile(&self) -> Result<()> {
+    fn start_profile(&self) -> Result<()> {
         if !self.device.features().contains(wgpu::Features::TIMESTAMP_QUERY) {
             bail!("the adapter {} does not support timestamp queries, which profiling needs", self.info.name);
         }
@@ -91,24 +83,18 @@ impl Wgpu {
         Ok(())
     }
 
-    /// Stops timing and returns each kernel's total, longest first.
-    pub async fn finish_profile(&self) -> Vec<KernelTime> {
+    async fn finish_profile(&self) -> Vec<KernelTime> {
         self.flush();
         let Some(profiler) = self.state.borrow_mut().profiler.take() else { return Vec::new() };
         let period_ns = self.queue.get_timestamp_period() as f64;
-        let mut totals: HashMap<String, KernelTime> = HashMap::new();
+        let mut calls = Vec::new();
         for (staging, labels) in profiler.done {
             let bytes = self.map_read(&staging).await;
             let ticks: Vec<u64> = bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).collect();
             for (label, pair) in labels.into_iter().zip(ticks.chunks_exact(2)) {
-                let t = totals.entry(label.name.clone()).or_insert(KernelTime { name: label.name, calls: 0, seconds: 0.0, flops: 0.0 });
-                t.calls += 1;
-                t.seconds += pair[1].saturating_sub(pair[0]) as f64 * period_ns * 1e-9;
-                t.flops += label.flops;
+                calls.push((label.name, pair[1].saturating_sub(pair[0]) as f64 * period_ns * 1e-9, label.flops));
             }
         }
-        let mut rows: Vec<KernelTime> = totals.into_values().collect();
-        rows.sort_by(|a, b| b.seconds.total_cmp(&a.seconds));
-        rows
+        KernelTime::totals(calls)
     }
 }
