@@ -258,7 +258,8 @@ fn half_precision_from_the_command_line() {
 }
 
 /// `speedrun profile` times every conv pass of a step (epoch 1 includes the whitening-bias
-/// gradient through block1.conv1), in f32 and in half, and rejects steps outside the run.
+/// gradient through block1.conv1), in f32 and in half, rejects steps outside the run, and refuses
+/// the CPU backend (no GPU kernels to time) and a CUDA that cannot run, naming the fix.
 #[test]
 fn profile_lists_every_conv_pass() {
     let tmp = tempfile::tempdir().unwrap();
@@ -266,7 +267,14 @@ fn profile_lists_every_conv_pass() {
     small_data(tmp.path(), |_| {});
     let args = ["profile", "--data-dir", dir, "--train-limit", "128", "--batch-size", "32", "--widths", "8,8,8", "--steps", "1"];
     #[cfg(not(feature = "wgpu"))]
-    fails_with(&speedrun(&args, &[]), 1, "profiling needs the wgpu backend");
+    fails_with(&speedrun(&args, &[]), 1, "backend `wgpu` is not in this build");
+    fails_with(&speedrun(&[&args[..], &["--backend", "cpu"]].concat(), &[]), 1, "profile times GPU kernels");
+    #[cfg(not(feature = "cuda"))]
+    fails_with(&speedrun(&[&args[..], &["--backend", "cuda"]].concat(), &[]), 1, "backend `cuda` is not in this build");
+    #[cfg(feature = "cuda")]
+    if let Err(missing) = speedrun::backend::cuda::check_libraries() {
+        fails_with(&speedrun(&[&args[..], &["--backend", "cuda"]].concat(), &[]), 1, &missing.to_string());
+    }
     #[cfg(feature = "wgpu")]
     if common::wgpu_device().is_some() {
         let o = speedrun(&args, &[]);
@@ -332,7 +340,7 @@ fn help_names_every_flag_and_the_environment() {
     }
     for args in [&["--help"][..], &["train", "--help"], &["download", "--help"]] {
         let out = text(&speedrun(args, &[])).0;
-        for var in ["SPEEDRUN_DATA", "SPEEDRUN_CIFAR_URL", "SPEEDRUN_PROGRESS_SECONDS", "LD_LIBRARY_PATH"] {
+        for var in ["SPEEDRUN_DATA", "SPEEDRUN_CIFAR_URL", "SPEEDRUN_PROGRESS_SECONDS", "LD_LIBRARY_PATH", "SPEEDRUN_CACHE"] {
             assert!(out.contains(var), "{var} missing from speedrun {args:?}:\n{out}");
         }
     }
