@@ -9,16 +9,22 @@
 //! its key and its payload's SHA-256, so an entry that is truncated, garbled or under another
 //! key is rebuilt and overwritten, never trusted. Entries are written to a temporary file and
 //! renamed, so a crash, a full disk or another process writing the same entry leaves no half
-//! file; a cache that cannot be written costs only the time it would have saved.
+//! file; a cache that cannot be written costs only the time it would have saved. Past
+//! `MAX_BYTES`, the least recently used entries are deleted (every edit of a kernel source
+//! adds its family's PTX anew).
 
 use sha2::{Digest, Sha256};
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 /// The first bytes of every entry (bumped if the format changes: old entries then read as corrupt).
 const MAGIC: &[u8; 8] = b"spdrun1\n";
 /// Bytes before the key: magic, key length, payload length (u64 LE each), payload SHA-256.
 const HEADER: usize = 8 + 8 + 8 + 32;
+/// The most bytes of entries kept: one build's kernels are about 0.5 MB of PTX and its cuDNN
+/// choices a few KB, so this holds many builds and GPUs.
+const MAX_BYTES: u64 = 64 << 20;
 
 /// What a lookup found.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,10 +71,32 @@ impl DiskCache {
 
     /// Entries and their bytes in the folder, for `speedrun info`.
     pub fn usage(&self) -> (usize, u64) {
+        let entries = self.entries();
+        (entries.len(), entries.iter().map(|e| e.1).sum())
+    }
+
+    /// Every entry file: (path, bytes, last used).
+    fn entries(&self) -> Vec<(PathBuf, u64, SystemTime)> {
         let files = self.dir.as_deref().and_then(|d| std::fs::read_dir(d).ok()).into_iter().flatten().flatten();
         files
             .filter(|f| f.file_name().to_string_lossy().ends_with(".entry"))
-            .fold((0, 0), |(n, bytes), f| (n + 1, bytes + f.metadata().map_or(0, |m| m.len())))
+            .filter_map(|f| f.metadata().ok().map(|m| (f.path(), m.len(), m.modified().unwrap_or(SystemTime::UNIX_EPOCH))))
+            .collect()
+    }
+
+    /// Deletes the least recently used entries until the rest take at most `max_bytes`.
+    fn prune(&self, max_bytes: u64) {
+        let mut entries = self.entries();
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        entries.sort_by_key(|e| e.2);
+        for (path, bytes, _) in entries {
+            if total <= max_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= bytes;
+            }
+        }
     }
 
     fn path(&self, key: &str) -> Option<PathBuf> {
@@ -77,10 +105,11 @@ impl DiskCache {
 
     pub fn get(&self, key: &str) -> Lookup {
         let Some(path) = self.path(key) else { return Lookup::Miss };
-        match std::fs::read(&path) {
-            Ok(bytes) => parse(&bytes, key).map_or(Lookup::Corrupt, |payload| Lookup::Hit(payload.to_vec())),
-            Err(_) => Lookup::Miss,
-        }
+        let Ok(bytes) = std::fs::read(&path) else { return Lookup::Miss };
+        let Some(payload) = parse(&bytes, key) else { return Lookup::Corrupt };
+        // Marked as just used, for `prune` (where the folder cannot be written, it stays as it was).
+        let _ = std::fs::File::options().append(true).open(&path).and_then(|f| f.set_modified(SystemTime::now()));
+        Lookup::Hit(payload.to_vec())
     }
 
     /// Stores `payload` under `key`, replacing whatever was there.
@@ -114,9 +143,13 @@ impl DiskCache {
         Ok((payload, Source::Built))
     }
 
-    /// `put`, with a failure reported once on stderr and otherwise ignored.
+    /// `put` (then `prune`), with a failure reported once on stderr and otherwise ignored.
     pub fn store(&self, key: &str, payload: &[u8]) {
-        if let Err(e) = self.put(key, payload) {
+        let stored = self.put(key, payload);
+        if stored.is_ok() {
+            self.prune(MAX_BYTES);
+        }
+        if let Err(e) = stored {
             if !self.warned.replace(true) {
                 let dir = self.dir.as_deref().map_or_else(String::new, |d| d.display().to_string());
                 eprintln!(
@@ -211,6 +244,28 @@ mod tests {
             assert_eq!(builds, before + 1, "{what}: rebuilt");
             assert_eq!(std::fs::read(&path).unwrap(), good, "{what}: overwritten with a whole entry");
         }
+    }
+
+    #[test]
+    fn the_least_recently_used_entries_go_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = DiskCache::at(dir.path());
+        for (i, key) in ["a", "b", "c"].iter().enumerate() {
+            cache.put(key, &[0; 1000]).unwrap();
+            // Written long ago, a first, c last.
+            let written = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 * (i as u64 + 1));
+            std::fs::File::options().append(true).open(cache.path(key).unwrap()).unwrap().set_modified(written).unwrap();
+        }
+        assert!(matches!(cache.get("a"), Lookup::Hit(_)), "a used now: the most recent");
+        let (n, bytes) = cache.usage();
+        assert_eq!(n, 3);
+        cache.prune(bytes);
+        assert_eq!(cache.usage(), (3, bytes), "within the limit: nothing goes");
+        cache.prune(bytes - 1);
+        assert_eq!(cache.get("b"), Lookup::Miss, "b, the least recently used, went first");
+        cache.prune(bytes / 3);
+        assert_eq!((cache.get("c"), cache.usage().0), (Lookup::Miss, 1), "then c");
+        assert!(matches!(cache.get("a"), Lookup::Hit(_)));
     }
 
     #[test]
