@@ -22,7 +22,7 @@ use std::time::SystemTime;
 const MAGIC: &[u8; 8] = b"spdrun1\n";
 /// Bytes before the key: magic, key length, payload length (u64 LE each), payload SHA-256.
 const HEADER: usize = 8 + 8 + 8 + 32;
-/// The most bytes of entries kept: one build's kernels are about 0.5 MB of PTX and its cuDNN
+/// The most bytes of entries kept: one build's kernels are about 130 KB of PTX and its cuDNN
 /// choices a few KB, so this holds many builds and GPUs.
 const MAX_BYTES: u64 = 64 << 20;
 
