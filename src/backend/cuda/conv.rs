@@ -169,13 +169,10 @@ impl Cuda {
             cudnn::result::get_version(),
             if exact { "FMA" } else { "default (TF32)" }
         );
-        // A cached choice counts only if it names one of this pass's candidates that cuDNN still
-        // accepts within the workspace limit; anything else is timed again and overwritten.
-        let cached = match self.cache.get(&key) {
-            Lookup::Hit(name) => Algo::candidates(pass, exact).into_iter().find(|a| format!("{a:?}").as_bytes() == name),
-            Lookup::Miss | Lookup::Corrupt => None,
-        };
-        if let Some((algo, bytes)) = cached.and_then(|a| Some((a, plan.workspace_size(a).ok().filter(|&b| b <= MAX_WORKSPACE)?))) {
+        // The algorithms to time, the heuristic's first.
+        let contenders: Vec<Algo> =
+            std::iter::once(heuristic).chain(Algo::candidates(pass, exact).into_iter().filter(|&a| a != heuristic)).collect();
+        if let Some((algo, bytes)) = self.cached_algo(&key, &contenders, &plan) {
             self.reserve_workspace(bytes);
             plan.algo = algo;
             if std::env::var_os("SPEEDRUN_CUDA_LOG").is_some() {
@@ -185,7 +182,7 @@ impl Cuda {
         }
         let mut best = (f32::INFINITY, heuristic);
         let mut tried = Vec::new();
-        for algo in std::iter::once(heuristic).chain(Algo::candidates(pass, exact).into_iter().filter(|&a| a != heuristic)) {
+        for algo in contenders {
             let Ok(bytes) = plan.workspace_size(algo) else { continue };
             if bytes > MAX_WORKSPACE {
                 continue;
@@ -203,6 +200,16 @@ impl Cuda {
             eprintln!("cuDNN {pass:?} {}→{} {}² n={}: {:?}; tried {}", s.c_in, s.c_out, s.h, s.n, plan.algo, tried.join(", "));
         }
         Ok(plan)
+    }
+
+    /// The algorithm the start-up cache holds under `key`, with its workspace bytes, if it is one
+    /// of `contenders` that cuDNN still accepts on `plan` within the workspace limit (anything
+    /// else is timed again, and the entry overwritten).
+    fn cached_algo(&self, key: &str, contenders: &[Algo], plan: &ConvPlan) -> Option<(Algo, usize)> {
+        let Lookup::Hit(name) = self.cache.get(key) else { return None };
+        let algo = contenders.iter().copied().find(|a| format!("{a:?}").as_bytes() == name)?;
+        let bytes = plan.workspace_size(algo).ok().filter(|&b| b <= MAX_WORKSPACE)?;
+        Some((algo, bytes))
     }
 
     /// Grows the workspace to at least `bytes` (only while planning: see `run_conv`).

@@ -3,7 +3,9 @@
 //! stream, labelled like the wgpu profile (the kernel; for convolutions the layer shape, the
 //! pass and cuDNN's algorithm; for products the shape). Steps run without CUDA graphs
 //! meanwhile, so every op is launched, and timed, on its own. Reading the events waits only
-//! at the end of the profile.
+//! at the end of the profile. An op's time runs from the GPU reaching its start event to its
+//! end event: where the GPU waits for the host's next launch (small kernels, one launch
+//! each), that wait counts too, so the sum can exceed a graph-launched step's time.
 
 use super::Cuda;
 use crate::backend::{KernelTime, Profile};
