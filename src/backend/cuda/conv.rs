@@ -83,6 +83,16 @@ impl Algo {
         all.into_iter().filter(|a| !exact || !a.is_transform()).collect()
     }
 
+    /// The algorithm's name in the start-up cache, e.g. `Forward(CUDNN_CONVOLUTION_FWD_ALGO_GEMM)`.
+    fn cache_name(&self) -> String {
+        format!("{self:?}")
+    }
+
+    /// The one of `algos` whose cache name is `name`.
+    fn named(algos: &[Algo], name: &[u8]) -> Option<Algo> {
+        algos.iter().copied().find(|a| a.cache_name().as_bytes() == name)
+    }
+
     /// The algorithm's name without cuDNN's prefix, e.g. `IMPLICIT_PRECOMP_GEMM`.
     fn short(&self) -> String {
         let name = format!("{self:?}");
@@ -195,7 +205,7 @@ impl Cuda {
             }
         }
         plan.algo = best.1;
-        self.cache.store(&key, format!("{:?}", plan.algo).as_bytes());
+        self.cache.store(&key, plan.algo.cache_name().as_bytes());
         if std::env::var_os("SPEEDRUN_CUDA_LOG").is_some() {
             eprintln!("cuDNN {pass:?} {}→{} {}² n={}: {:?}; tried {}", s.c_in, s.c_out, s.h, s.n, plan.algo, tried.join(", "));
         }
@@ -207,7 +217,7 @@ impl Cuda {
     /// else is timed again, and the entry overwritten).
     fn cached_algo(&self, key: &str, contenders: &[Algo], plan: &ConvPlan) -> Option<(Algo, usize)> {
         let Lookup::Hit(name) = self.cache.get(key) else { return None };
-        let algo = contenders.iter().copied().find(|a| format!("{a:?}").as_bytes() == name)?;
+        let algo = Algo::named(contenders, &name)?;
         let bytes = plan.workspace_size(algo).ok().filter(|&b| b <= MAX_WORKSPACE)?;
         Some((algo, bytes))
     }
@@ -237,5 +247,24 @@ impl Cuda {
             fastest = fastest.min(start.elapsed_ms(&end).ok()?);
         }
         Some(fastest)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Algo, Pass};
+
+    /// Every algorithm comes back from its cache name, and only it (no GPU needed).
+    #[test]
+    fn every_algorithm_round_trips_through_its_cache_name() {
+        for pass in [Pass::Forward, Pass::BackwardData, Pass::BackwardFilter] {
+            let all = Algo::candidates(pass, false);
+            assert!(Algo::candidates(pass, true).len() < all.len(), "{pass:?}: exact math leaves out the transforms");
+            for a in &all {
+                assert_eq!(Algo::named(&all, a.cache_name().as_bytes()), Some(*a));
+                assert!(!a.short().is_empty() && !a.short().contains("CUDNN") && !a.short().contains('('), "{a:?}: {}", a.short());
+            }
+            assert_eq!(Algo::named(&all, b"Forward(NO_SUCH_ALGO)"), None);
+        }
     }
 }
