@@ -56,18 +56,22 @@ fn le_bytes(v: &[f32]) -> Vec<u8> {
 /// Writes a checkpoint atomically: to `PATH.tmp`, then renamed over `path`.
 pub fn save(path: &Path, arch: &Arch, params: &[f32], running: &[f32], extra: &[(&str, String)]) -> Result<()> {
     let bytes = to_bytes(arch, params, running, extra)?;
-    let tmp = path.with_extension("safetensors.tmp");
+    write_atomically(&bytes, &path.with_extension("safetensors.tmp"), path)
+        .with_context(|| format!("cannot write checkpoint {} (is the disk full or the folder missing?)", path.display()))
+}
+
+/// Writes `bytes` to `tmp`, then renames it over `path`, so `path` is either what it was or
+/// whole; on failure `tmp` is removed.
+pub(crate) fn write_atomically(bytes: &[u8], tmp: &Path, path: &Path) -> std::io::Result<()> {
     let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
+        let mut f = std::fs::File::create(tmp)?;
+        f.write_all(bytes)?;
         f.sync_all()?; // on disk before the rename makes it visible
-        std::fs::rename(&tmp, path)
+        std::fs::rename(tmp, path)
     };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write checkpoint {} (is the disk full or the folder missing?)", path.display()));
-    }
-    Ok(())
+    write().inspect_err(|_| {
+        let _ = std::fs::remove_file(tmp);
+    })
 }
 
 /// A checkpoint's bytes (the browser offers them as a download).

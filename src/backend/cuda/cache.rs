@@ -125,11 +125,7 @@ impl DiskCache {
         bytes.extend_from_slice(payload);
         // A name no other process or thread writes to, renamed over the entry when complete.
         let tmp = path.with_extension(format!("{}.{:?}.tmp", std::process::id(), std::thread::current().id()).replace(['(', ')'], ""));
-        let written = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        written
+        crate::checkpoint::write_atomically(&bytes, &tmp, &path)
     }
 
     /// The value under `key`, else `build`'s, stored for next time. A corrupt entry is rebuilt;
