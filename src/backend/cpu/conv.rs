@@ -5,7 +5,7 @@
 //! both gradients of the 3×3 convs run Winograd F(4×4, 3×3) (`winograd.rs`: a quarter of
 //! the multiplies); other filter sizes' weight gradient multiplies dy with an im2col matrix.
 
-use super::gemm::{gemm, transposed, Lhs, Segment, Segments};
+use super::gemm::{gemm, pack, packed_len, transposed, Lhs, Segment, Segments};
 use super::{fixed_groups, sum_in_order, winograd, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
@@ -75,6 +75,8 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     for (o, filter) in w[..s.c_out * kdim].chunks_exact(kdim).enumerate() {
         filter.iter().enumerate().for_each(|(i, &v)| wt[i * s.c_out + o] = v);
     }
+    let mut panels = vec![0.0f32; packed_len(kdim, s.c_out)];
+    let wt = pack(&wt, kdim, s.c_out, s.c_out, &mut panels);
     let segments: Vec<Segment> = (0..k).map(|ky| Segment { offset: ky * wp * c, len: k * c }).collect();
     let ipc = images_per_chunk(s);
     y[..s.n * oh * ow * s.c_out].par_chunks_mut(ipc * oh * ow * s.c_out).enumerate().for_each(|(chunk, y)| {
@@ -83,7 +85,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             pad_images(s, x, chunk * ipc, count, padded);
             let row = |r: usize| ((r / (oh * ow) * hp + r % (oh * ow) / ow) * wp + r % ow) * c;
             let patches = Lhs { data: padded, row, segments: Segments::Many(&segments), step: 1 };
-            gemm(count * oh * ow, s.c_out, &patches, &wt, s.c_out, y, false);
+            gemm(count * oh * ow, &patches, wt, y, false);
         });
     });
 }
@@ -127,6 +129,7 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
         .into_par_iter()
         .map(|images| {
             let mut acc = vec![0.0f32; s.c_out * kdim];
+            let mut panels = Vec::new();
             THREAD_SCRATCH.with_borrow_mut(|col| {
                 for b0 in images.clone().step_by(ipc) {
                     let count = ipc.min(images.end - b0);
@@ -135,7 +138,9 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     im2col(s, x, b0, count, col);
                     let dy = &dy[b0 * per_image * s.c_out..(b0 + count) * per_image * s.c_out];
                     // acc += dyᵀ · col: row o of dyᵀ is column o of dy (rows, c_out).
-                    gemm(s.c_out, kdim, &transposed(dy, rows, s.c_out), col, kdim, &mut acc, true);
+                    panels.resize(packed_len(rows, kdim), 0.0);
+                    let col = pack(col, rows, kdim, kdim, &mut panels);
+                    gemm(s.c_out, &transposed(dy, rows, s.c_out), col, &mut acc, true);
                 }
             });
             acc

@@ -1,10 +1,12 @@
-//! The convolutions' GEMM, `C (m, n) (+)= A (m, k) · B (k, n)`, without packing: a register
+//! The convolutions' GEMM, `C (m, n) (+)= A (m, k) · B (k, n)`, without packing A: a register
 //! tile of C (`MR` rows × `NR` columns) is a chain of fused multiply-adds that reads A where it
 //! lies — rows anywhere in memory, elements at a fixed step: the pixels of a padded image
 //! (the direct convolution without im2col), Winograd's transformed tiles, a transposed
-//! matrix — and B as `NR` contiguous floats per row. A general SGEMM copies both operands
-//! into panels on every call; here B is each call's filter, laid out once by the caller, and
-//! A needs no copy at all.
+//! matrix — and B from panels of `NR` columns (`Rhs`, `pack`), each panel's k rows one
+//! contiguous run, so that a tile's reads of B are sequential (rows of a wide B read `NR` at a
+//! time at a stride of a whole row cost up to a fifth of a Winograd product's time when B
+//! comes from L3). A general SGEMM copies both operands on every call; here B is packed once
+//! per filter (per call of a convolution) or per chunk, and A needs no copy at all.
 //!
 //! Rounding: each element of C is one chain of fused multiply-adds over k ascending, restarted
 //! every `KC` products and added to C (`C = s₀`, `C = C + s₁`, …), at every position of C,
@@ -65,30 +67,76 @@ pub fn transposed(data: &[f32], k: usize, ld: usize) -> Lhs<'_, impl Fn(usize) -
     Lhs { data, row: |i| i, segments: Segments::One(Segment { offset: 0, len: k }), step: ld }
 }
 
+/// The right operand B (k, n) in panels: panel p holds columns `p·width..(p+1)·width` as k
+/// rows of `width` contiguous floats, `(n / width, k, width)`, the last panel zero-padded.
+#[derive(Clone, Copy)]
+pub struct Rhs<'a> {
+    data: &'a [f32],
+    k: usize,
+    n: usize,
+    width: usize,
+}
+
+/// Columns per panel of `Rhs` on this CPU: the register tile's `NR`.
+pub fn panel_width() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return 32;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return 16;
+        }
+    }
+    8
+}
+
+/// Floats of `pack`'s output for a B of `k` rows and `n` columns.
+pub fn packed_len(k: usize, n: usize) -> usize {
+    let width = panel_width();
+    n.div_ceil(width) * width * k
+}
+
+/// B (k, n), row-major with `ldb` floats between rows, packed into `out` as `Rhs`.
+pub fn pack<'a>(b: &[f32], k: usize, n: usize, ldb: usize, out: &'a mut [f32]) -> Rhs<'a> {
+    pack_as(panel_width(), b, k, n, ldb, out)
+}
+
+fn pack_as<'a>(width: usize, b: &[f32], k: usize, n: usize, ldb: usize, out: &'a mut [f32]) -> Rhs<'a> {
+    assert!(k > 0 && ldb >= n && b.len() >= (k - 1) * ldb + n, "pack: B too short");
+    let out = &mut out[..n.div_ceil(width) * width * k];
+    for (p, panel) in out.chunks_exact_mut(k * width).enumerate() {
+        let cols = width.min(n - p * width);
+        for (row, dst) in panel.chunks_exact_mut(width).enumerate() {
+            dst[..cols].copy_from_slice(&b[row * ldb + p * width..][..cols]);
+            dst[cols..].fill(0.0);
+        }
+    }
+    Rhs { data: out, k, n, width }
+}
+
 /// One product's operands as the blocked loops read them (C aside).
 struct Product<'a, F: Fn(usize) -> usize> {
     m: usize,
-    n: usize,
-    k: usize,
     a: &'a Lhs<'a, F>,
-    b: &'a [f32],
-    ldb: usize,
+    b: Rhs<'a>,
     accumulate: bool,
 }
 
-/// `C (m, n) = A · B`, or `C += A · B` when `accumulate`; B (k, n) is row-major with `ldb`
-/// floats between rows, C row-major without gaps (`n` floats a row).
-pub fn gemm<F: Fn(usize) -> usize>(m: usize, n: usize, a: &Lhs<F>, b: &[f32], ldb: usize, c: &mut [f32], accumulate: bool) {
-    let k: usize = a.segments.as_slice().iter().map(|s| s.len).sum();
+/// `C (m, n) = A · B`, or `C += A · B` when `accumulate`, for B (k, n) packed by `pack`; C
+/// row-major without gaps (`n` floats a row).
+pub fn gemm<F: Fn(usize) -> usize>(m: usize, a: &Lhs<F>, b: Rhs, c: &mut [f32], accumulate: bool) {
+    let (k, n) = (a.segments.as_slice().iter().map(|s| s.len).sum::<usize>(), b.n);
     if m == 0 || n == 0 {
         return;
     }
     assert!(k > 0 && a.segments.as_slice().iter().all(|s| s.len > 0), "gemm: empty reduction");
-    assert!(c.len() >= m * n && b.len() >= (k - 1) * ldb + n && ldb >= n, "gemm: B or C too short");
+    assert!(b.k == k && b.width == panel_width(), "gemm: B packed for another shape or CPU");
+    assert!(c.len() >= m * n, "gemm: C too short");
     // The farthest element of A from a row's start; every row is checked against it below.
     let reach = a.segments.as_slice().iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
     assert!((0..m).all(|i| (a.row)(i) + reach < a.data.len()), "gemm: A's rows overrun its data");
-    let p = Product { m, n, k, a, b, ldb, accumulate };
+    let p = Product { m, a, b, accumulate };
     // SAFETY: the asserts above keep every read of A and B and every write of C in bounds.
     unsafe {
         #[cfg(target_arch = "x86_64")]
@@ -119,15 +167,12 @@ unsafe fn blocked_avx2<F: Fn(usize) -> usize>(p: &Product<F>, c: &mut [f32]) {
 }
 
 /// Blocks of `ROW_BLOCK` rows; in each, slices of `KC` along k; in each, every column tile of
-/// B over every row tile. Columns past the last full tile come from a zero-padded copy.
+/// B (a panel) over every row tile.
 #[inline(always)]
 unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(p: &Product<F>, c: &mut [f32]) {
-    let Product { m, n, k, a, b, ldb, accumulate } = *p;
-    let full = n / NR * NR;
-    let mut tail = vec![0.0f32; if full < n { k * NR } else { 0 }]; // (k, NR)
-    for (row, dst) in tail.chunks_exact_mut(NR).enumerate() {
-        dst[..n - full].copy_from_slice(&b[row * ldb + full..row * ldb + n]);
-    }
+    let Product { m, a, b, accumulate } = *p;
+    let (n, k) = (b.n, b.k);
+    assert_eq!(b.width, NR, "B packed for another tile width");
     let data = a.data.as_ptr();
     let mut pieces = Vec::with_capacity(a.segments.as_slice().len());
     for r0 in (0..m).step_by(ROW_BLOCK) {
@@ -139,11 +184,11 @@ unsafe fn blocked<const MR: usize, const NR: usize, F: Fn(usize) -> usize>(p: &P
             slice_pieces(a, k0..(k0 + KC).min(k), &mut pieces);
             let first = k0 == 0 && !accumulate;
             for j0 in (0..n).step_by(NR) {
-                let (b_at, b_step) = if j0 < full { (b.as_ptr().add(k0 * ldb + j0), ldb) } else { (tail.as_ptr().add(k0 * NR), NR) };
+                let b_at = b.data.as_ptr().add((j0 / NR * k + k0) * NR);
                 for (t, rows) in tiles.iter().enumerate() {
                     let (i0, cols) = (r0 + t * MR, NR.min(n - j0));
                     let out = c.as_mut_ptr().add(i0 * n + j0);
-                    tile::<MR, NR>(rows, &pieces, a.step, b_at, b_step, out, n, MR.min(m - i0), cols, first);
+                    tile::<MR, NR>(rows, &pieces, a.step, b_at, out, n, MR.min(m - i0), cols, first);
                 }
             }
         }
@@ -163,8 +208,9 @@ fn slice_pieces<F: Fn(usize) -> usize>(a: &Lhs<F>, ks: std::ops::Range<usize>, p
     }
 }
 
-/// One register tile: `acc (MR, NR) = Σ_k A[rows, k] · B[k, 0..NR]` over `pieces`, then
-/// `C = acc` (`first`) or `C = C + acc`, for the top-left `m × n` of the tile.
+/// One register tile: `acc (MR, NR) = Σ_k A[rows, k] · B[k, 0..NR]` over `pieces` (B's rows
+/// contiguous, a panel's), then `C = acc` (`first`) or `C = C + acc`, for the top-left `m × n`
+/// of the tile.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<const MR: usize, const NR: usize>(
@@ -172,7 +218,6 @@ unsafe fn tile<const MR: usize, const NR: usize>(
     pieces: &[(usize, usize)],
     step: usize,
     mut b: *const f32,
-    ldb: usize,
     c: *mut f32,
     ldc: usize,
     m: usize,
@@ -189,7 +234,7 @@ unsafe fn tile<const MR: usize, const NR: usize>(
                 acc.iter_mut().zip(&bk).for_each(|(acc, &b)| *acc = a.mul_add(b, *acc));
             }
             at += step;
-            b = b.add(ldb);
+            b = b.add(NR);
         }
     }
     if m == MR && n == NR {
@@ -304,17 +349,21 @@ mod tests {
                 f(&mut got);
                 results.push((name.to_string(), got));
             };
-            run("gemm", &|c| gemm(m, n, &lhs, &b, ldb, c, accumulate));
-            // SAFETY: the shapes fit (`gemm` checked them); each variant runs only where its instructions exist.
-            let p = Product { m, n, k, a: &lhs, b: &b, ldb, accumulate };
+            let mut packed = vec![f32::NAN; packed_len(k, n).max(k * n.div_ceil(8) * 8)];
+            run("gemm", &|c| gemm(m, &lhs, pack(&b, k, n, ldb, &mut packed.clone()), c, accumulate));
+            // SAFETY: the shapes fit (`gemm` checks them); each variant runs only where its instructions exist.
+            let p = Product { m, a: &lhs, b: pack_as(8, &b, k, n, ldb, &mut packed), accumulate };
             run("8×8", &|c| unsafe { blocked::<8, 8, _>(&p, c) });
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
+                let mut packed = vec![f32::NAN; k * n.div_ceil(32) * 32];
                 if has!("avx2") && has!("fma") {
+                    let p = Product { m, a: &lhs, b: pack_as(16, &b, k, n, ldb, &mut packed), accumulate };
                     run("AVX2 6×16", &|c| unsafe { blocked_avx2(&p, c) });
                 }
                 if has!("avx512f") {
+                    let p = Product { m, a: &lhs, b: pack_as(32, &b, k, n, ldb, &mut packed), accumulate };
                     run("AVX-512 8×32", &|c| unsafe { blocked_avx512(&p, c) });
                 }
             }

@@ -6,7 +6,7 @@
 //! contiguous); the GEMMs are `gemm.rs`'s; every sum has a fixed order, so the result is
 //! deterministic whatever the thread count.
 
-use super::gemm::{gemm, row_major, transposed};
+use super::gemm::{gemm, pack, packed_len, row_major, transposed, Rhs};
 use super::{fixed_groups, sum_in_order, THREAD_SCRATCH};
 use crate::backend::ConvShape;
 use rayon::prelude::*;
@@ -73,7 +73,7 @@ const fn transpose<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; R
 /// f32 values of one thread's scratch for a layer of `c_in → c_out` channels: the largest of
 /// `forward`'s and `backward_filter`'s (for images of at most 256 tiles, 64×64 outputs).
 pub fn scratch_len(c_in: usize, c_out: usize) -> usize {
-    AA * (TILES_PER_CHUNK.max(TILES_PER_WGRAD_CHUNK) * (c_in + c_out) + c_in * c_out)
+    AA * (TILES_PER_CHUNK.max(TILES_PER_WGRAD_CHUNK) * (c_in + c_out) + c_in * c_out) + packed_len(TILES_PER_WGRAD_CHUNK, c_in)
 }
 
 /// Whether a convolution takes this path: 3×3 filters, any padding, stride 1.
@@ -213,8 +213,8 @@ fn transform_input_with<const WIDE: usize>(s: &ConvShape, x: &[f32], b0: usize, 
     }
 }
 
-/// `U (AA, c_in, c_out)`: the transformed filters `G g Gᵀ` of `w (c_out, 3, 3, c_in)`, laid
-/// out as the GEMM's right-hand side reads them fastest (rows of `c_out`).
+/// `U (AA, c_in, c_out)`: the transformed filters `G g Gᵀ` of `w (c_out, 3, 3, c_in)`, each
+/// ξ's (c_in, c_out) row-major, to be packed as the GEMM's right-hand side.
 fn transform_filter(s: &ConvShape, w: &[f32]) -> Vec<f32> {
     let lanes = s.c_in * s.c_out;
     let mut taps = vec![0.0f32; 9 * lanes]; // (3, 3, c_in, c_out)
@@ -260,6 +260,13 @@ fn transform_output_with<const WIDE: usize>(s: &ConvShape, m: &[f32], count: usi
 /// `y (n, oh, ow, c_out) = x (n, h, w, c_in) ⊛ w (c_out, 3, 3, c_in)`.
 pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
     let u = transform_filter(s, w);
+    let u_len = packed_len(s.c_in, s.c_out);
+    let mut panels = vec![0.0f32; AA * u_len];
+    let u: Vec<Rhs> = panels
+        .chunks_exact_mut(u_len)
+        .zip(u.chunks_exact(s.c_in * s.c_out))
+        .map(|(out, u)| pack(u, s.c_in, s.c_out, s.c_out, out))
+        .collect();
     let (th, tw) = tiles(s);
     let (ipc, out_len) = (images_per_chunk(s, TILES_PER_CHUNK), s.out_h() * s.out_w() * s.c_out);
     y[..s.n * out_len].par_chunks_mut(ipc * out_len).enumerate().for_each(|(chunk, y)| {
@@ -272,7 +279,7 @@ pub fn forward(s: &ConvShape, x: &[f32], w: &[f32], y: &mut [f32]) {
             for xi in 0..AA {
                 // m[ξ] (t, c_out) = v[ξ] (t, c_in) · u[ξ] (c_in, c_out)
                 let v = row_major(&v[xi * t * s.c_in..], s.c_in, s.c_in);
-                gemm(t, s.c_out, &v, &u[xi * s.c_in * s.c_out..], s.c_out, &mut m[xi * t * s.c_out..], false);
+                gemm(t, &v, u[xi], &mut m[xi * t * s.c_out..], false);
             }
             transform_output(s, m, count, y);
         });
@@ -314,8 +321,9 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
             let mut partial = vec![0.0f32; cout * 9 * cin]; // (c_out, 3, 3, c_in)
             THREAD_SCRATCH.with_borrow_mut(|scratch| {
                 let most = ipc.min(images.len()) * th * tw;
-                scratch.resize(AA * (most * (cin + cout) + lanes), 0.0);
+                scratch.resize(AA * (most * (cin + cout) + lanes) + packed_len(most, cin), 0.0);
                 let (du, scratch) = scratch.split_at_mut(AA * lanes); // (AA, c_out, c_in)
+                let (panels, scratch) = scratch.split_at_mut(packed_len(most, cin)); // v[ξ] packed
                 for b0 in images.clone().step_by(ipc) {
                     let count = ipc.min(images.end - b0);
                     let t = count * th * tw;
@@ -325,7 +333,8 @@ pub fn backward_filter(s: &ConvShape, x: &[f32], dy: &[f32], dw: &mut [f32]) {
                     for xi in 0..AA {
                         // du[ξ] (c_out, c_in) (+)= dm[ξ]ᵀ · v[ξ]: row o of dm[ξ]ᵀ is column o of dm[ξ] (t, c_out).
                         let dm_t = transposed(&dm[xi * t * cout..], t, cout);
-                        gemm(cout, cin, &dm_t, &v[xi * t * cin..], cin, &mut du[xi * lanes..], b0 != images.start);
+                        let v = pack(&v[xi * t * cin..], t, cin, cin, panels);
+                        gemm(cout, &dm_t, v, &mut du[xi * lanes..], b0 != images.start);
                     }
                 }
                 // dw[o] (3, 3, c_in) = Gᵀ du[·, o] G
