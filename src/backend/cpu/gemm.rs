@@ -77,7 +77,8 @@ pub struct Rhs<'a> {
     width: usize,
 }
 
-/// Columns per panel of `Rhs` on this CPU: the register tile's `NR`.
+/// Columns per panel of `Rhs` on this CPU: the `NR` of the widest register tile it can run
+/// (which `gemm` then runs).
 pub fn panel_width() -> usize {
     #[cfg(target_arch = "x86_64")]
     {
@@ -137,18 +138,16 @@ pub fn gemm<F: Fn(usize) -> usize>(m: usize, a: &Lhs<F>, b: Rhs, c: &mut [f32], 
     let reach = a.segments.as_slice().iter().map(|s| s.offset + (s.len - 1) * a.step).max().unwrap_or(0);
     assert!((0..m).all(|i| (a.row)(i) + reach < a.data.len()), "gemm: A's rows overrun its data");
     let p = Product { m, a, b, accumulate };
-    // SAFETY: the asserts above keep every read of A and B and every write of C in bounds.
+    // SAFETY: the asserts above keep every read of A and B and every write of C in bounds,
+    // and `panel_width` chose the tile whose instructions this CPU has.
     unsafe {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return blocked_avx512(&p, c);
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                return blocked_avx2(&p, c);
-            }
+        match b.width {
+            #[cfg(target_arch = "x86_64")]
+            32 => blocked_avx512(&p, c),
+            #[cfg(target_arch = "x86_64")]
+            16 => blocked_avx2(&p, c),
+            _ => blocked::<8, 8, F>(&p, c),
         }
-        blocked::<8, 8, F>(&p, c)
     }
 }
 
